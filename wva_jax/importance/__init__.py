@@ -1,0 +1,11 @@
+"""Importance estimators: how much each parameter matters for what the model knows.
+
+Each returns a float32 pytree shaped like ``params``.
+"""
+from wva_jax.importance.combine import accumulate, decay, normalize
+from wva_jax.importance.fisher import fisher
+from wva_jax.importance.mas import mas
+from wva_jax.importance.si import PathIntegralState, path_integral, restart_path, si
+
+__all__ = ["fisher", "mas", "sig", "path_integral", "si", "restart_path", "PathIntegralState",
+           "accumulate", "decay", "normalize"]
