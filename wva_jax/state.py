@@ -11,7 +11,49 @@ from wva_jax.wva import WVAState
 _IMPORTANCE_STATES = (WVAState, EWCState)
 
 
+def _nnx_variable_type():
+  try:
+    from flax import nnx
+  except ImportError:  # flax is optional: plain optax states need none of this
+    return None
+  return nnx.Variable
+
+
+def _is_nnx_optimizer(x) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:
+    return False
+  return isinstance(x, nnx.Optimizer)
+
+
+def _set_in_place(optimizer, types, field: str, value, check):
+  """``nnx.Optimizer`` keeps its state in mutable variables: write their values."""
+  variable = _nnx_variable_type()
+  is_target = lambda x: isinstance(x, types)
+  targets = [s for s in jax.tree_util.tree_leaves(optimizer.opt_state, is_leaf=is_target)
+             if is_target(s)]
+  if not targets:
+    raise ValueError(f"the nnx.Optimizer's state contains no {' or '.join(t.__name__ for t in types)}")
+  new_leaves = jax.tree_util.tree_leaves(value)
+  for s in targets:
+    slots = jax.tree_util.tree_leaves(getattr(s, field), is_leaf=lambda v: isinstance(v, variable))
+    if len(slots) != len(new_leaves):
+      raise ValueError(f"{field} has {len(new_leaves)} leaves, the optimizer's state has {len(slots)}")
+    for slot, new in zip(slots, new_leaves):
+      if jnp.shape(new) != jnp.shape(slot.get_value()):
+        raise ValueError(f"{field} leaf of shape {jnp.shape(new)} does not fit the state's {jnp.shape(slot.get_value())}")
+  check(value, field)
+  for s in targets:
+    slots = jax.tree_util.tree_leaves(getattr(s, field), is_leaf=lambda v: isinstance(v, variable))
+    for slot, new in zip(slots, new_leaves):
+      slot.set_value(jnp.asarray(new, slot.get_value().dtype))
+  return optimizer
+
+
 def _replace(opt_state, types, field: str, value, check):
+  if _is_nnx_optimizer(opt_state):
+    return _set_in_place(opt_state, types, field, value, check)
   is_target = lambda x: isinstance(x, types)
   found = []
 
@@ -38,7 +80,8 @@ def set_importance(opt_state, importance):
   """Returns ``opt_state`` with every WVA/EWC importance replaced by ``importance``.
 
   The tree structure and dtypes of the state are unchanged, so a jitted step
-  taking the state as an argument runs on without retracing.
+  taking the state as an argument runs on without retracing. An
+  ``flax.nnx.Optimizer`` is updated in place (and returned).
 
   Example:
     >>> import jax.numpy as jnp, wva_jax as wj
