@@ -62,9 +62,12 @@ def shared(params, x):  # the same weight in two layers
 
 
 # --- references: one example at a time, jax.grad of an explicit scalar ---------
+# The Python loop over examples (and over positions and classes for the exact
+# Fisher) is the reference; each per-example gradient is jitted once per call
+# only to keep the loop fast.
 
-def _one(apply_fn, params, x, b):
-  return apply_fn(params, jax.tree_util.tree_map(lambda a: a[b:b + 1], x))[0]
+def _example(x, b):
+  return jax.tree_util.tree_map(lambda a: a[b:b + 1], x)
 
 
 def _add(acc, g, fn):
@@ -76,52 +79,51 @@ def _mean(acc, n):
   return jax.tree_util.tree_map(lambda v: v / n, acc)
 
 
-def loglik_grad(apply_fn, params, x, b, labels, mask=None):
-  """grad of sum_t m_t log p(labels_t | x_b) for one example; labels [positions...]."""
-  def ll(p):
-    logp = jax.nn.log_softmax(_one(apply_fn, p, x, b).astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
-    if mask is not None:
-      picked = picked * mask[b]
-    return picked.sum()
-  return jax.grad(ll)(params)
+def _n(x):
+  return jax.tree_util.tree_leaves(x)[0].shape[0]
 
 
 def fisher_empirical_ref(apply_fn, params, x, y, mask=None):
-  n = jax.tree_util.tree_leaves(x)[0].shape[0]
+  """mean_b (grad sum_t m_bt log p(y_bt | x_b))^2."""
+  def ll(p, xb, yb, mb):
+    logp = jax.nn.log_softmax(apply_fn(p, xb)[0].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, yb[..., None], axis=-1)[..., 0]
+    return (picked * mb).sum()
+  grad = jax.jit(jax.grad(ll))
   acc = None
-  for b in range(n):
-    acc = _add(acc, loglik_grad(apply_fn, params, x, b, y[b], mask), np.square)
-  return _mean(acc, n)
+  for b in range(_n(x)):
+    mb = jnp.ones(jnp.shape(y[b])) if mask is None else jnp.asarray(mask[b], jnp.float32)
+    acc = _add(acc, grad(params, _example(x, b), jnp.asarray(y[b]), mb), np.square)
+  return _mean(acc, _n(x))
 
 
 def fisher_exact_ref(apply_fn, params, x, mask=None):
-  """sum over positions t and classes c of p_tc (grad log p_tc)^2, mean over examples."""
-  n = jax.tree_util.tree_leaves(x)[0].shape[0]
+  """mean_b sum over positions t and classes c of p_tc (grad log p_tc)^2."""
+  def logp(p, xb, flat_index):
+    return jax.nn.log_softmax(apply_fn(p, xb)[0], axis=-1).reshape(-1)[flat_index]
+  grad = jax.jit(jax.grad(logp))
   acc = None
-  for b in range(n):
-    logits = np.asarray(_one(apply_fn, params, x, b), np.float64)
+  for b in range(_n(x)):
+    logits = np.asarray(apply_fn(params, _example(x, b))[0], np.float64)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    positions = list(np.ndindex(*logits.shape[:-1]))
-    for t in positions:
+    for t in np.ndindex(*logits.shape[:-1]):
       if mask is not None and mask[b][t] == 0:
         continue
       for c in range(logits.shape[-1]):
-        def lp(p, t=t, c=c):
-          return jax.nn.log_softmax(_one(apply_fn, p, x, b), axis=-1)[t + (c,)]
-        g = jax.grad(lp)(params)
+        flat = np.ravel_multi_index(t + (c,), logits.shape)
+        g = grad(params, _example(x, b), flat)
         acc = _add(acc, g, lambda v, w=probs[t + (c,)]: w * np.square(v))
-  return _mean(acc, n)
+  return _mean(acc, _n(x))
 
 
 def mas_ref(apply_fn, params, x):
-  n = jax.tree_util.tree_leaves(x)[0].shape[0]
+  """mean_b |grad ||f(x_b)||^2|."""
+  grad = jax.jit(jax.grad(lambda p, xb: jnp.sum(jnp.square(apply_fn(p, xb)[0]))))
   acc = None
-  for b in range(n):
-    g = jax.grad(lambda p: jnp.sum(jnp.square(_one(apply_fn, p, x, b))))(params)
-    acc = _add(acc, g, np.abs)
-  return _mean(acc, n)
+  for b in range(_n(x)):
+    acc = _add(acc, grad(params, _example(x, b)), np.abs)
+  return _mean(acc, _n(x))
 
 
 def assert_tree_close(actual, expected, rtol=1e-5):
