@@ -1,0 +1,161 @@
+"""SIG against hand-written references (numpy, loops over examples and positions)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wva_jax.importance.sig import sig
+
+RNG = np.random.default_rng(0)
+
+
+def arr(*shape, scale=1.0):
+  return jnp.asarray(scale * RNG.normal(size=shape), jnp.float32)
+
+
+def close(a, b, tol=1e-5):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape
+  assert np.abs(a - b).max() <= tol * (np.abs(b).max() + 1e-30), np.abs(a - b).max()
+
+
+def leaky(x):
+  return np.where(x > 0, x, 0.2 * x)
+
+
+def mlp(params, x):
+  for i, layer in enumerate(params):
+    x = x @ layer["w"] + layer["b"]
+    if i < len(params) - 1:
+      x = jax.nn.leaky_relu(x, 0.2)
+  return x
+
+
+MLP = [{"w": arr(7, 6), "b": arr(6)}, {"w": arr(6, 4), "b": arr(4)}, {"w": arr(4, 3), "b": arr(3)}]
+X = arr(11, 7)
+
+
+def mlp_reference(params, x):
+  """Seed rule: |w_ij| * mean_b |a_bi|; bias: mean_b |y_bj| at the pre-activation sum."""
+  a = np.asarray(x, np.float64)
+  out = []
+  for i, layer in enumerate(params):
+    w, b = np.asarray(layer["w"], np.float64), np.asarray(layer["b"], np.float64)
+    y = a @ w + b
+    out.append({"w": np.abs(w) * np.abs(a).mean(0)[:, None], "b": np.abs(y).mean(0)})
+    a = leaky(y) if i < len(params) - 1 else y
+  return out
+
+
+def test_mlp_matches_hand_reference():
+  imp = sig(mlp, MLP, X)
+  ref = mlp_reference(MLP, X)
+  for got, want in zip(imp, ref):
+    close(got["w"], want["w"])
+    close(got["b"], want["b"])
+    assert got["w"].dtype == jnp.float32
+  # chunking with padding (11 = 3+3+3+2) changes nothing
+  for got, want in zip(jax.tree_util.tree_leaves(sig(mlp, MLP, X, chunk_size=3)),
+                       jax.tree_util.tree_leaves(imp)):
+    close(got, want)
+
+
+def test_flax_dense_equals_plain_mlp():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = jax.nn.leaky_relu(nn.Dense(6)(x), 0.2)
+      x = jax.nn.leaky_relu(nn.Dense(4)(x), 0.2)
+      return nn.Dense(3)(x)
+
+  params = {"params": {f"Dense_{i}": {"kernel": l["w"], "bias": l["b"]}
+                       for i, l in enumerate(MLP)}}
+  imp = sig(Net().apply, params, X)
+  for i, want in enumerate(mlp_reference(MLP, X)):
+    close(imp["params"][f"Dense_{i}"]["kernel"], want["w"])
+    close(imp["params"][f"Dense_{i}"]["bias"], want["b"])
+
+
+def test_cnn_matches_patch_loop():
+  dn = ("NHWC", "HWIO", "NHWC")
+  params = {"k": arr(3, 3, 2, 4), "c": arr(4), "d": arr(4 * 4 * 4, 3, scale=0.1)}
+
+  def cnn(p, x):
+    h = jax.lax.conv_general_dilated(x, p["k"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn)
+    h = jnp.tanh(h + p["c"])
+    return h.reshape(h.shape[0], -1) @ p["d"]
+
+  x = arr(5, 8, 8, 2)
+  imp = sig(cnn, params, x, chunk_size=2)
+  # each tap (di, dj, c) carries sum over output positions of |input at that tap|
+  xp = np.pad(np.abs(np.asarray(x, np.float64)), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  signal = np.zeros((3, 3, 2))
+  for i in range(4):
+    for j in range(4):
+      signal += xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3, :].sum(0)
+  close(imp["k"], np.abs(np.asarray(params["k"]))[..., :] * signal[..., None] / 5)
+  y = np.asarray(jax.lax.conv_general_dilated(x, params["k"], (2, 2), ((1, 1), (1, 1)),
+                                              dimension_numbers=dn) + params["c"], np.float64)
+  close(imp["c"], np.abs(y).sum((1, 2)).mean(0))
+  h = np.tanh(y).reshape(5, -1)
+  close(imp["d"], np.abs(np.asarray(params["d"])) * np.abs(h).mean(0)[:, None])
+
+
+def test_sequence_embedding_positions_summed():
+  params = {"emb": arr(10, 5), "w": arr(5, 4), "b": arr(4), "out": arr(4, 3)}
+
+  def model(p, tok):
+    h = jnp.tanh(p["emb"][tok] @ p["w"] + p["b"])
+    return h @ p["out"]
+
+  tok = jnp.asarray(RNG.integers(0, 10, (6, 7)))
+  imp = sig(model, params, tok, chunk_size=4)
+  t = np.asarray(tok)
+  e = np.asarray(params["emb"], np.float64)
+  counts = np.stack([(t == v).sum() for v in range(10)]) / 6
+  close(imp["emb"], np.abs(e) * counts[:, None])
+  a = e[t]  # [B, T, 5]
+  close(imp["w"], np.abs(np.asarray(params["w"])) * np.abs(a).sum((0, 1))[:, None] / 6)
+  y = a @ np.asarray(params["w"], np.float64) + np.asarray(params["b"], np.float64)
+  close(imp["b"], np.abs(y).sum((0, 1)) / 6)
+  close(imp["out"], np.abs(np.asarray(params["out"])) * np.abs(np.tanh(y)).sum((0, 1))[:, None] / 6)
+
+
+def test_shared_weight_sums_uses():
+  params = {"s": arr(7, 7, scale=0.4)}
+  model = lambda p, x: jnp.tanh(x @ p["s"]) @ p["s"]
+  a1 = np.abs(np.asarray(X, np.float64)).mean(0)
+  a2 = np.abs(np.tanh(np.asarray(X @ params["s"], np.float64))).mean(0)
+  close(sig(model, params, X)["s"], np.abs(np.asarray(params["s"])) * (a1 + a2)[:, None])
+
+
+def test_jit_vmap_over_params_and_bf16():
+  f = jax.jit(lambda p, x: sig(mlp, p, x, chunk_size=4))
+  for got, want in zip(jax.tree_util.tree_leaves(f(MLP, X)),
+                       jax.tree_util.tree_leaves(mlp_reference(MLP, X))):
+    close(got, want)
+  runs = [jax.tree_util.tree_map(lambda a, s=s: a * s, MLP) for s in (1.0, -0.5, 2.0)]
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *runs)
+  batched = jax.vmap(lambda p: sig(mlp, p, X))(stacked)
+  for r, run in enumerate(runs):
+    for got, want in zip(jax.tree_util.tree_leaves(batched),
+                         jax.tree_util.tree_leaves(mlp_reference(run, X))):
+      close(got[r], want)
+  bf = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), MLP)
+  imp = sig(mlp, bf, X.astype(jnp.bfloat16))
+  assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(imp))
+  for got, want in zip(jax.tree_util.tree_leaves(imp),
+                       jax.tree_util.tree_leaves(mlp_reference(MLP, X))):
+    close(got, want, tol=5e-2)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="empty"):
+    sig(mlp, MLP, X[:0])
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(ValueError, match="chunk_size"):
+      sig(mlp, MLP, X, chunk_size=bad)
+  params = {"w": arr(7, 3), "t": arr(3)}
+  with pytest.raises(ValueError, match=r"'t'.*'exp'"):
+    sig(lambda p, x: (x @ p["w"]) * jnp.exp(p["t"]), params, X)
