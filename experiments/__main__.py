@@ -1,0 +1,147 @@
+"""Command line: ``python -m experiments <name> [options]``.
+
+Names: ``quickstart`` (the README's main job), the study's experiments
+(``methods``, ``aa_sgd``, ``ab_adam``, ``viscosity``, ``lambda_vs_tasks``,
+``importance``), ``timing`` (seconds per full-protocol run, 1 and 8 runs
+vmapped) and ``report`` (plots and results/README.md from results/*/runs.jsonl).
+Every run is appended to ``results/<name>/runs.jsonl`` as soon as it finishes;
+running the same command again skips finished runs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+from experiments.configs import EXPERIMENTS, QUICKSTART, Experiment
+
+NAMES = ["quickstart", *EXPERIMENTS, "timing", "report"]
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("name", choices=NAMES)
+  p.add_argument("--quick", action="store_true",
+                 help="small version (3 tasks, 150 steps/task, 3 lambdas, 1+2 seeds) "
+                      "to check the pipeline; results go to results/<name>-quick")
+  p.add_argument("--lambdas", type=float, nargs="+",
+                 help="lambda grid for every protected arm")
+  p.add_argument("--seeds", type=int, nargs="+", help="fresh seeds the report is made on")
+  p.add_argument("--select-seeds", type=int, nargs="+", help="seeds lambda is selected on")
+  p.add_argument("--tasks", type=int, help="number of tasks")
+  p.add_argument("--steps-per-task", type=int, help="SGD steps per task (protocol: 2200)")
+  p.add_argument("--stream", choices=["permuted", "rotated", "split"])
+  p.add_argument("--arms", nargs="+", help="only arms whose name contains one of these")
+  p.add_argument("--batch-runs", type=int, default=8, help="runs vmapped in one program")
+  p.add_argument("--out", help="results directory (default results/<name>[-quick])")
+  p.add_argument("--no-progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def configure(args) -> Experiment:
+  exp = QUICKSTART if args.name == "quickstart" else EXPERIMENTS[args.name]
+  if args.quick and args.name != "quickstart":
+    exp = exp.quick()
+  changes = {}
+  if args.lambdas:
+    changes["arms"] = tuple(dataclasses.replace(a, lambdas=tuple(args.lambdas))
+                            if a.method.protected else a for a in exp.arms)
+  if args.seeds:
+    changes["report_seeds"] = tuple(args.seeds)
+  if args.select_seeds:
+    changes["select_seeds"] = tuple(args.select_seeds)
+  if args.tasks:
+    changes["tasks"] = args.tasks
+    if exp.select_at:
+      changes["select_at"] = tuple(k for k in exp.select_at if k <= args.tasks)
+  if args.steps_per_task:
+    changes["steps_per_task"] = args.steps_per_task
+  if args.stream:
+    changes["stream"] = args.stream
+  exp = dataclasses.replace(exp, **changes)
+  if args.arms:
+    exp = dataclasses.replace(exp, arms=tuple(a for a in exp.arms
+                                              if any(s in a.name for s in args.arms)))
+  if args.name == "quickstart" and args.quick:
+    exp = dataclasses.replace(exp, tasks=min(exp.tasks, 3), steps_per_task=100)
+  return exp
+
+
+def out_dir(args) -> pathlib.Path:
+  if args.out:
+    return pathlib.Path(args.out)
+  return pathlib.Path("results") / (args.name + ("-quick" if args.quick else ""))
+
+
+def quickstart(args, exp: Experiment) -> None:
+  from experiments import report  # pylint: disable=import-outside-toplevel
+  from experiments.study import Study  # pylint: disable=import-outside-toplevel
+  out = out_dir(args)
+  print(f"quickstart: {exp.tasks} permuted-MNIST tasks, {exp.steps_per_task} steps per task "
+        f"(the protocol has 2200; reduced so it runs in minutes on a CPU), batch 100, "
+        f"seed {exp.report_seeds[0]}; results in {out}/", flush=True)
+  t0 = time.perf_counter()
+  study = Study(exp, out, batch_runs=args.batch_runs, progress=not args.no_progress)
+  study.run()
+  summary = report.summarize(study.store.records())
+  names = [f"{s['arm']}" + ("" if s["lambda"] == 0 else f" λ={s['lambda']:g}") for s in summary]
+  width = max(len(n) for n in names)
+  print("\nmean test accuracy (%) over the tasks seen so far, after each task:")
+  print(" " * width + " " + "".join(f"{k:>6d}" for k in range(1, exp.tasks + 1)))
+  for n, s in zip(names, summary):
+    print(n.ljust(width) + " " + "".join(f"{100 * c[0]:6.1f}" for c in s["curve"]))
+  pngs = report.plot_experiment("quickstart", summary, out)
+  print(f"\nplot: {pngs[0]}; runs: {study.store.path}; "
+        f"wall time {time.perf_counter() - t0:.0f} s")
+
+
+def timing(args) -> None:
+  """Seconds per full-protocol 10-task run, vmapped over 1 and 8 runs."""
+  from experiments import data as D, runner, tasks  # pylint: disable=import-outside-toplevel
+  from experiments.configs import wva  # pylint: disable=import-outside-toplevel
+  from experiments.results import provenance  # pylint: disable=import-outside-toplevel
+  steps = args.steps_per_task or runner.STEPS_PER_TASK
+  T = args.tasks or 10
+  split = D.load_mnist()
+  data = runner.to_device(split, tasks.permuted(split, T))
+  method = wva("sgd")
+  out = out_dir(args)
+  out.mkdir(parents=True, exist_ok=True)
+  for n in (args.seeds or [1, 8]):
+    _, state, wall = runner.timed_batch(data, method, [1.0] * n, list(range(n)),
+                                        num_tasks=T, steps_per_task=steps)
+    rec = {"runs": n, "tasks": T, "steps_per_task": steps, "method": method.label(),
+           "wall_s": round(wall, 2), "command": "python -m experiments " + " ".join(sys.argv[1:]),
+           **provenance()}
+    print(json.dumps({k: rec[k] for k in ("runs", "tasks", "steps_per_task", "wall_s")}),
+          flush=True)
+    with open(out / "timing.jsonl", "a", encoding="utf-8") as f:
+      f.write(json.dumps(rec) + "\n")
+
+
+def main(argv=None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.name == "report":
+    from experiments.report import build_report  # pylint: disable=import-outside-toplevel
+    print(f"wrote {build_report(pathlib.Path(args.out or 'results'))}")
+    return
+  if args.name == "timing":
+    timing(args)
+    return
+  exp = configure(args)
+  if args.name == "quickstart":
+    quickstart(args, exp)
+    return
+  from experiments.study import Study  # pylint: disable=import-outside-toplevel
+  study = Study(exp, out_dir(args), batch_runs=args.batch_runs, progress=not args.no_progress)
+  study.run()
+  print(f"{exp.name}: {len(study.store.records())} runs in {study.store.path}; "
+        "`python -m experiments report` updates results/README.md")
+
+
+if __name__ == "__main__":
+  main()

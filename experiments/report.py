@@ -1,0 +1,210 @@
+"""Turns results/*/runs.jsonl into PNG plots and results/README.md.
+
+Every number in the README comes with the command(s) whose runs produced it
+(each record stores its command line).
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections import defaultdict
+
+import numpy as np
+
+from experiments import stats
+from experiments.results import ResultStore
+
+
+def _fmt(m, h, scale=100.0):
+  if math.isnan(m):
+    return "n/a"
+  return f"{scale * m:.2f}" if math.isnan(h) else f"{scale * m:.2f} ± {scale * h:.2f}"
+
+
+def _forgetting(R):
+  R = np.asarray([[np.nan if v is None else v for v in row] for row in R], float)
+  if R.shape[0] < 2:
+    return math.nan
+  best = np.nanmax(R[:-1, :-1], axis=0)
+  return float(np.mean(best - R[-1, :-1]))
+
+
+def _arms(records):
+  """Arm names in first-seen order."""
+  order = []
+  for r in records:
+    if r["arm"] not in order:
+      order.append(r["arm"])
+  return order
+
+
+def _selected(recs_select, recs_report, T, at=None):
+  """The lambda the report phase used for task count ``at`` (default last)."""
+  if recs_select:
+    return stats.select_lambda(recs_select, at)[0]
+  lams = sorted({r["lambda"] for r in recs_report})
+  return lams[0] if lams else math.nan
+
+
+def summarize(records):
+  """Per arm: selected lambda, fresh-seed stats, selection curve."""
+  out = []
+  for arm in _arms(records):
+    rs = [r for r in records if r["arm"] == arm]
+    sel = [r for r in rs if r["phase"] == "select"]
+    rep_all = [r for r in rs if r["phase"] == "report"]
+    T = len(rs[0]["mean_acc"])
+    lam = _selected(sel, rep_all, T)
+    rep = [r for r in rep_all if r["lambda"] == lam]
+    curves = np.array([r["mean_acc"] for r in rep], float) if rep else np.zeros((0, T))
+    final = stats.mean_ci(curves[:, -1]) if len(rep) else (math.nan, math.nan, 0)
+    forget = stats.mean_ci([_forgetting(r["R"]) for r in rep])
+    grid = defaultdict(list)
+    for r in sel:
+      grid[r["lambda"]].append(r["final_mean_acc"])
+    out.append({"arm": arm, "lambda": lam, "n": final[2], "final": final, "forgetting": forget,
+                "curve": [stats.mean_ci(curves[:, k]) for k in range(T)] if len(rep) else [],
+                "select": {k: stats.mean_ci(v) for k, v in sorted(grid.items())},
+                "commands": sorted({r["command"] for r in rs}),
+                "wall": [r["wall_time_s"] for r in rs], "T": T,
+                "steps": rs[0]["config"]["steps_per_task"]})
+  return out
+
+
+def plot_experiment(name, summary, out_dir: pathlib.Path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  paths = []
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for s in summary:
+    if not s["curve"]:
+      continue
+    k = np.arange(1, s["T"] + 1)
+    m = np.array([c[0] for c in s["curve"]]) * 100
+    h = np.nan_to_num(np.array([c[1] for c in s["curve"]]) * 100)
+    lam = "" if s["lambda"] == 0 else f" (λ={s['lambda']:g})"
+    ax.plot(k, m, marker="o", ms=3, label=s["arm"] + lam)
+    ax.fill_between(k, m - h, m + h, alpha=0.2)
+  ax.set_xlabel("tasks learned")
+  ax.set_ylabel("mean test accuracy over tasks seen (%)")
+  ax.set_title(f"{name}: fresh seeds, mean ± 95% CI")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(out_dir / "curves.png")
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+  if any(len(s["select"]) > 1 for s in summary):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for s in summary:
+      if len(s["select"]) > 1:
+        lams = np.array(list(s["select"]))
+        m = np.array([v[0] for v in s["select"].values()]) * 100
+        ax.plot(lams, m, marker="o", ms=3, label=s["arm"])
+    ax.set_xscale("log")
+    ax.set_xlabel("λ")
+    ax.set_ylabel("mean accuracy after the last task (%)")
+    ax.set_title(f"{name}: lambda selection (selection seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "lambda_selection.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+  return paths
+
+
+def lambda_by_tasks(records):
+  """For seed exp. 5: per task count k, the lambda selected at k and its fresh-seed accuracy."""
+  rows = []
+  for arm in _arms(records):
+    sel = [r for r in records if r["arm"] == arm and r["phase"] == "select"]
+    if not sel:
+      continue
+    rep = [r for r in records if r["arm"] == arm and r["phase"] == "report"]
+    for k in range(2, len(sel[0]["mean_acc"]) + 1):
+      lam, means = stats.select_lambda(sel, k)
+      fresh = stats.mean_ci([r["mean_acc"][k - 1] for r in rep if r["lambda"] == lam])
+      rows.append((arm, k, lam, means[lam], fresh))
+  return rows
+
+
+def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path):
+  summary = summarize(records)
+  pngs = plot_experiment(name, summary, out_dir)
+  question = ""
+  try:
+    from experiments.configs import EXPERIMENTS, QUICKSTART  # pylint: disable=import-outside-toplevel
+    base = name.removesuffix("-quick")
+    exp = QUICKSTART if base == "quickstart" else EXPERIMENTS.get(base)
+    question = exp.question if exp else ""
+  except ImportError:
+    pass
+  lines = [f"## {name}", ""]
+  if question:
+    lines += [question, ""]
+  s0 = summary[0]
+  lines += [f"{s0['T']} tasks, {s0['steps']} steps per task, batch 100. "
+            "Accuracies in %, mean ± 95% Student-t CI over fresh seeds (n).", ""]
+  lines += ["| arm | λ (selected) | n | final mean acc | forgetting | mean acc after each task |",
+            "|---|---|---|---|---|---|"]
+  for s in summary:
+    curve = " ".join(f"{100 * c[0]:.1f}" for c in s["curve"])
+    lines.append(f"| {s['arm']} | {s['lambda']:g} | {s['n']} | {_fmt(*s['final'][:2])} | "
+                 f"{_fmt(*s['forgetting'][:2])} | {curve} |")
+  if any(len(s["select"]) > 1 for s in summary):
+    lines += ["", "Lambda selection (mean accuracy after the last task on the selection seeds):",
+              ""]
+    for s in summary:
+      if len(s["select"]) > 1:
+        pts = ", ".join(f"{lam:g}: {100 * v[0]:.1f}" for lam, v in s["select"].items())
+        lines.append(f"- {s['arm']}: {pts}")
+  if name.removesuffix("-quick") == "lambda_vs_tasks":
+    rows = lambda_by_tasks(records)
+    if rows:
+      lines += ["", "| arm | tasks k | λ selected at k | acc (selection) | acc (fresh seeds) |",
+                "|---|---|---|---|---|"]
+      lines += [f"| {a} | {k} | {lam:g} | {100 * m:.2f} | {_fmt(*f[:2])} |"
+                for a, k, lam, m, f in rows]
+  wall = [w for s in summary for w in s["wall"]]
+  lines += ["", f"{len(wall)} runs, {sum(wall) / 60:.1f} CPU-minutes of wall time in total "
+            f"({np.mean(wall):.1f} s per run, vmapped).", "", "Produced by:", ""]
+  cmds = sorted({c for s in summary for c in s["commands"]})
+  lines += [f"    {c}" for c in cmds]
+  lines += [""] + [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in pngs] + [""]
+  return lines
+
+
+def timing_section(root: pathlib.Path):
+  path = root / "timing" / "timing.jsonl"
+  if not path.exists():
+    return []
+  lines = ["## Cost of the full protocol", "",
+           "One full-protocol run: 10 permuted tasks x 2200 steps (batch 100), importance "
+           "after each task, evaluation on all seen tasks.", "",
+           "| runs vmapped | method | wall s (batch) | s per run | command |", "|---|---|---|---|---|"]
+  for line in path.read_text().splitlines():
+    if line.strip():
+      t = json.loads(line)
+      lines.append(f"| {t['runs']} | {t['method']} | {t['wall_s']:.0f} | "
+                   f"{t['wall_s'] / t['runs']:.1f} | `{t['command']}` |")
+  return lines + [""]
+
+
+def build_report(root="results") -> pathlib.Path:
+  root = pathlib.Path(root)
+  lines = ["# Results", "",
+           "Generated by `python -m experiments report` from `results/*/runs.jsonl`; every "
+           "table lists the commands that produced its runs. `-quick` directories hold the "
+           "pipeline checks (`--quick`: 3 tasks, 150 steps per task, 1 selection seed, 2 "
+           "fresh seeds), not study results.", ""]
+  lines += timing_section(root)
+  for path in sorted(root.glob("*/runs.jsonl")):
+    records = ResultStore(path).records()
+    if records:
+      lines += experiment_section(path.parent.name, records, path.parent, root)
+  out = root / "README.md"
+  out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return out

