@@ -10,4 +10,4 @@ from wva_jax.importance.sig import sig
 from wva_jax.importance._engine import engine_report
 
 __all__ = ["fisher", "mas", "sig", "path_integral", "si", "restart_path", "PathIntegralState",
-           "accumulate", "decay", "normalize"]
+           "accumulate", "decay", "normalize", "engine_report"]
