@@ -250,3 +250,27 @@ def test_nnx_optimizer_and_in_place_set_importance():
   assert moved(before, frozen) > 1e-3  # no importance: it learns
   assert moved(frozen, after) < 1e-8   # importance 1e9: the update is attenuated to nothing
   assert len(traces) == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda dt: wj.wva_scale(IMP, 2.0, importance_dtype=dt),
+    lambda dt: wj.add_ewc(PARAMS, IMP, 2.0, importance_dtype=dt),
+    lambda dt: wj.implicit_ewc(PARAMS, IMP, 2.0, importance_dtype=dt),
+])
+def test_bfloat16_importance_storage(make):
+  tx16, tx32 = make(jnp.bfloat16), make(jnp.float32)
+  s16 = tx16.init(PARAMS)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(s16.importance))
+  s16 = wj.set_importance(s16, IMP)  # a float32 importance goes in, the storage stays bf16
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(s16.importance))
+  shifted = jax.tree_util.tree_map(lambda p: p + 0.3, PARAMS)
+  u16, _ = tx16.update(GRADS, s16, shifted)
+  u32, _ = tx32.update(GRADS, tx32.init(PARAMS), shifted)
+  # bf16 keeps 8 bits of mantissa: the importance is off by at most 2^-8 relative.
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3), u16, u32)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(u16))
+
+
+def test_importance_dtype_must_be_floating():
+  with pytest.raises(ValueError, match="importance_dtype must be a floating dtype, got <class 'jax.numpy.int32'>"):
+    wj.wva_scale(IMP, 1.0, importance_dtype=jnp.int32)

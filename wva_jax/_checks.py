@@ -67,7 +67,3 @@ def check_finite(tree, name: str):
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if is_concrete(leaf) and not np.isfinite(np.asarray(leaf, dtype=np.float32)).all():
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains NaN or inf")
-
-
-def as_float32_tree(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from wva_jax._checks import check_finite, check_importance_values, check_like_params, check_strength
-from wva_jax.wva import init_importance
+from wva_jax.wva import check_storage_dtype, init_importance
 
 
 class EWCState(NamedTuple):
@@ -48,8 +48,9 @@ def ewc_penalty(params, anchor, importance, strength):
   return 0.5 * strength * sum(jax.tree_util.tree_leaves(terms))
 
 
-def _ewc_factory(anchor, importance, strength):
+def _ewc_factory(anchor, importance, strength, importance_dtype):
   check_strength(strength)
+  importance_dtype = check_storage_dtype(importance_dtype)
   if importance is not None:
     check_importance_values(importance)
   if anchor is not None:
@@ -61,12 +62,13 @@ def _ewc_factory(anchor, importance, strength):
     # No anchor yet: anchor at the initial params (the penalty is zero anyway
     # while the importance is zero).
     return EWCState(anchor=params if anchor is None else anchor,
-                    importance=init_importance(importance, params))
+                    importance=init_importance(importance, params, importance_dtype))
 
   return init_fn
 
 
-def add_ewc(anchor, importance, strength) -> optax.GradientTransformation:
+def add_ewc(anchor, importance, strength, *, importance_dtype=None
+            ) -> optax.GradientTransformation:
   r"""Adds the gradient of the EWC penalty to the updates: ``g + lambda * imp * (theta - anchor)``.
 
   Put it first in a chain, so every optimizer (SGD, Adam, anything) sees the
@@ -79,6 +81,9 @@ def add_ewc(anchor, importance, strength) -> optax.GradientTransformation:
       ``None`` to anchor at the params given to ``init``.
     importance: like params, >= 0, or ``None`` for zeros.
     strength: ``lambda`` >= 0 (may be traced).
+    importance_dtype: storage dtype of the importance (``jnp.bfloat16`` to
+      save memory); the pull is computed in float32. The anchor keeps the
+      params' dtype.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -91,13 +96,13 @@ def add_ewc(anchor, importance, strength) -> optax.GradientTransformation:
     >>> round(float(u['w'][0]), 6)   # -0.1 * 2 * 1 * (1 - 0)
     -0.2
   """
-  init_fn = _ewc_factory(anchor, importance, strength)
+  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("add_ewc needs params in update(...) to compute the pull to the anchor")
     pull = jax.tree_util.tree_map(
-        lambda u, p, a, i: (u.astype(jnp.float32) + strength * i
+        lambda u, p, a, i: (u.astype(jnp.float32) + strength * i.astype(jnp.float32)
                             * (p.astype(jnp.float32) - a.astype(jnp.float32))).astype(u.dtype),
         updates, params, state.anchor, state.importance)
     return pull, state
@@ -105,8 +110,8 @@ def add_ewc(anchor, importance, strength) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def implicit_ewc(anchor, importance, strength, *, learning_rate=1.0
-                 ) -> optax.GradientTransformation:
+def implicit_ewc(anchor, importance, strength, *, learning_rate=1.0,
+                 importance_dtype=None) -> optax.GradientTransformation:
   r"""Implicit (proximal) EWC: the unconditionally stable step of the EWC penalty.
 
   Explicit EWC with SGD takes :math:`\theta_{k+1} = \theta_k - \eta\nabla L -
@@ -137,6 +142,7 @@ def implicit_ewc(anchor, importance, strength, *, learning_rate=1.0
     learning_rate: ``eta``, the step size that ``lambda`` is measured
       against (with SGD, its learning rate; with Adam, absorb it into
       ``strength``).
+    importance_dtype: storage dtype of the importance.
 
   Example:
     >>> import jax.numpy as jnp, optax, wva_jax as wj
@@ -148,14 +154,14 @@ def implicit_ewc(anchor, importance, strength, *, learning_rate=1.0
     -0.5
   """
   check_strength(learning_rate, "learning_rate")
-  init_fn = _ewc_factory(anchor, importance, strength)
+  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("implicit_ewc needs params in update(...)")
 
     def step(u, p, a, i):
-      att = 1.0 / (1.0 + learning_rate * strength * i)
+      att = 1.0 / (1.0 + learning_rate * strength * i.astype(jnp.float32))
       off = p.astype(jnp.float32) - a.astype(jnp.float32)
       return (att * u.astype(jnp.float32) - (1.0 - att) * off).astype(u.dtype)
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wva_jax._checks import (as_float32_tree, check_choice, check_importance_values,
+from wva_jax._checks import (check_choice, check_importance_values,
                              check_like_params, check_strength)
 
 VISCOSITIES = ("hyperbolic", "exponential")
@@ -32,16 +32,26 @@ def attenuation(importance, strength, viscosity: str = "hyperbolic"):
   return jax.tree_util.tree_map(f, importance)
 
 
-def init_importance(importance, params, name: str = "importance"):
-  """Validated float32 importance for a state; ``None`` means zeros (nothing known yet)."""
+def check_storage_dtype(dtype):
+  # None (float32) rather than a dtype default: optax.inject_hyperparams would
+  # take a dtype object for a numeric hyperparameter.
+  if dtype is None:
+    return jnp.dtype(jnp.float32)
+  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise ValueError(f"importance_dtype must be a floating dtype, got {dtype!r}")
+  return jnp.dtype(dtype)
+
+
+def init_importance(importance, params, dtype=jnp.float32, name: str = "importance"):
+  """Validated importance for a state, stored in ``dtype``; ``None`` means zeros."""
   if importance is None:
-    return jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
   check_like_params(importance, params, name)
-  return as_float32_tree(importance)
+  return jax.tree_util.tree_map(lambda i: jnp.asarray(i, dtype), importance)
 
 
-def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic"
-              ) -> optax.GradientTransformation:
+def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic",
+              importance_dtype=None) -> optax.GradientTransformation:
   r"""Scales each update by an attenuation that falls with the parameter's importance.
 
   .. math::
@@ -69,6 +79,9 @@ def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic"
       zeros until :func:`wva_jax.set_importance` swaps one in.
     strength: ``lambda`` >= 0 (may be a traced scalar, e.g. under ``vmap``).
     viscosity: ``'hyperbolic'`` or ``'exponential'``.
+    importance_dtype: how the state stores the importance: ``None`` for
+      float32, ``jnp.bfloat16`` to halve its memory for large models; the
+      attenuation is always computed in float32.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`WVAState`.
@@ -88,11 +101,12 @@ def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic"
   """
   check_strength(strength)
   check_choice(viscosity, VISCOSITIES, "viscosity")
+  importance_dtype = check_storage_dtype(importance_dtype)
   if importance is not None:
     check_importance_values(importance)
 
   def init_fn(params):
-    return WVAState(importance=init_importance(importance, params))
+    return WVAState(importance=init_importance(importance, params, importance_dtype))
 
   def update_fn(updates, state, params=None):
     del params
@@ -103,8 +117,8 @@ def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic"
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def wva_sgd(learning_rate, importance=None, strength=1.0, *, viscosity: str = "hyperbolic"
-            ) -> optax.GradientTransformation:
+def wva_sgd(learning_rate, importance=None, strength=1.0, *, viscosity: str = "hyperbolic",
+            importance_dtype=None) -> optax.GradientTransformation:
   """SGD (no momentum) with WVA: ``optax.chain(optax.sgd(lr), wva_scale(...))``.
 
   Example:
@@ -112,12 +126,13 @@ def wva_sgd(learning_rate, importance=None, strength=1.0, *, viscosity: str = "h
     >>> tx = wj.wva_sgd(0.2, {'w': jnp.ones(3)}, strength=10.0)
     >>> state = tx.init({'w': jnp.zeros(3)})
   """
-  return optax.chain(optax.sgd(learning_rate), wva_scale(importance, strength, viscosity=viscosity))
+  return optax.chain(optax.sgd(learning_rate), wva_scale(importance, strength, viscosity=viscosity,
+                                                        importance_dtype=importance_dtype))
 
 
 def wva_adam(learning_rate, importance=None, strength=1.0, *, viscosity: str = "hyperbolic",
-             b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-             ) -> optax.GradientTransformation:
+             b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+             importance_dtype=None) -> optax.GradientTransformation:
   """Adam with WVA on its increments: ``optax.chain(optax.adam(...), wva_scale(...))``.
 
   The attenuation comes after Adam's normalisation, which would otherwise
@@ -129,4 +144,5 @@ def wva_adam(learning_rate, importance=None, strength=1.0, *, viscosity: str = "
     >>> state = tx.init({'w': jnp.zeros(3)})
   """
   return optax.chain(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-                     wva_scale(importance, strength, viscosity=viscosity))
+                     wva_scale(importance, strength, viscosity=viscosity,
+                               importance_dtype=importance_dtype))
