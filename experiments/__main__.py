@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -115,7 +116,7 @@ def timing(args) -> None:
     _, state, wall = runner.timed_batch(data, method, [1.0] * n, list(range(n)),
                                         num_tasks=T, steps_per_task=steps)
     rec = {"runs": n, "tasks": T, "steps_per_task": steps, "method": method.label(),
-           "wall_s": round(wall, 2), "command": "python -m experiments " + " ".join(sys.argv[1:]),
+           "wall_s": round(wall, 2), "load_avg_1min": round(os.getloadavg()[0], 2), "command": "python -m experiments " + " ".join(sys.argv[1:]),
            **provenance()}
     print(json.dumps({k: rec[k] for k in ("runs", "tasks", "steps_per_task", "wall_s")}),
           flush=True)

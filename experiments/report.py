@@ -89,7 +89,8 @@ def plot_experiment(name, summary, out_dir: pathlib.Path):
     ax.fill_between(k, m - h, m + h, alpha=0.2)
   ax.set_xlabel("tasks learned")
   ax.set_ylabel("mean test accuracy over tasks seen (%)")
-  ax.set_title(f"{name}: fresh seeds, mean ± 95% CI")
+  one = all(s["n"] <= 1 for s in summary)
+  ax.set_title(f"{name}: " + ("one seed" if one else "fresh seeds, mean ± 95% CI"))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -190,7 +191,16 @@ def timing_section(root: pathlib.Path):
       t = json.loads(line)
       lines.append(f"| {t['runs']} | {t['method']} | {t['wall_s']:.0f} | "
                    f"{t['wall_s'] / t['runs']:.1f} | `{t['command']}` |")
-  return lines + [""]
+      per_run = t["wall_s"] / t["runs"]  # the last (largest) batch: what the study uses
+  from experiments.configs import EXPERIMENTS, planned_runs  # pylint: disable=import-outside-toplevel
+  counts = {name: planned_runs(e) for name, e in EXPERIMENTS.items()}
+  total = sum(counts.values())
+  lines += ["", "Full study, at most (10 tasks x 2200 steps; lambda grid x 3 selection seeds, then 10 "
+            "fresh seeds at the selected lambda), at that cost per run on this 2-core CPU:", "",
+            "| experiment | runs | CPU hours |", "|---|---|---|"]
+  lines += [f"| {n} | {c} | {c * per_run / 3600:.1f} |" for n, c in counts.items()]
+  lines += [f"| total | {total} | {total * per_run / 3600:.1f} |", ""]
+  return lines
 
 
 def build_report(root="results") -> pathlib.Path:

@@ -78,8 +78,8 @@ class Study:
     todo = self.pending(jobs)
     if not todo:
       return 0
-    bar = _bar(len(todo), desc, self.progress)
     T = self.exp.tasks
+    bar = _bar(len(todo), T, desc, self.progress)
     by_arm: dict[str, list[Job]] = {}
     for j in todo:
       by_arm.setdefault(j.arm.name, []).append(j)
@@ -87,7 +87,7 @@ class Study:
       for i in range(0, len(group), self.batch_runs):
         batch = group[i:i + self.batch_runs]
         arm = batch[0].arm
-        step = lambda t, n=len(batch): bar.update(n / T)
+        step = lambda t, n=len(batch): bar.update(n)
         t0 = time.perf_counter()
         R, _ = runner.run_batch(self.data, arm.method, [j.lam for j in batch],
                                 [j.seed for j in batch], num_tasks=T,
@@ -121,7 +121,8 @@ class Study:
     self.run_jobs(report, f"{exp.name}: fresh seeds")
 
 
-def _bar(total, desc, enabled):
+def _bar(runs, tasks, desc, enabled):
+  """Counts finished tasks of runs (integers), displayed as runs."""
   try:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   except ImportError:  # tqdm is an extra; run without a bar
@@ -134,5 +135,6 @@ def _bar(total, desc, enabled):
       def close(self):
         pass
     return _Null()
-  fmt = "{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}]"
-  return tqdm(total=total, desc=desc, bar_format=fmt, file=sys.stderr, smoothing=0.1)
+  fmt = "{l_bar}{bar}| {n:.1f}/{total:.0f} runs [{elapsed}<{remaining}]"
+  return tqdm(total=runs * tasks, unit_scale=1.0 / tasks, desc=desc, bar_format=fmt,
+              file=sys.stderr, smoothing=0.1)
