@@ -164,6 +164,32 @@ def test_cnn_conv_path(data):
   assert rel_err(fast, ref) <= 1e-5
 
 
+def test_conv_layouts_strides_dilation_and_grouped(data):
+  """Kernel gradients from input patches must land in the kernel's own layout."""
+  rng = np.random.default_rng(10)
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), {
+      "k1": rng.normal(size=(4, 1, 3, 2)) / 2,  # OIHW, non-square window
+      "k2": rng.normal(size=(2, 2, 2, 4)) / 2,  # HWIO, grouped (2 groups): vmap(vjp) path
+      "d": rng.normal(size=(3 * 3 * 4, C)) / 6})
+
+  def model(p, x):  # x: [B, 8, 8, 1] NHWC -> NCHW
+    h = jax.lax.conv_general_dilated(jnp.transpose(x, (0, 3, 1, 2)), p["k1"], (1, 2),
+                                     ((1, 1), (0, 1)), rhs_dilation=(2, 1),
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    h = jnp.tanh(h)  # [B, 4, 6, 4] -> [B, 3, 3, 4] below
+    h = jax.lax.conv_general_dilated(jnp.transpose(h, (0, 2, 3, 1)), p["k2"], (2, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=2)
+    return h.reshape(h.shape[0], -1) @ p["d"]
+
+  report = engine_report(model, params, data["img"])
+  assert report == {"k1": "conv", "k2": "conv", "d": "dense"}
+  e = {"y": data["y"][:9]}
+  for cot, reduce in ((exact, "square"), (mas_cot, "abs")):
+    fast, ref = both(model, params, data["img"], cot, e, reduce)
+    assert rel_err(fast, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("reduce", ["square", "abs"])
 def test_sequence_embedding_layernorm_with_padding_mask(data, reduce):
   model = Seq()

@@ -153,6 +153,10 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     cots = cots * v.reshape((1, chunk) + (1,) * (cots.ndim - 2))
     cots = cots.astype(out.dtype)[:, :, None]
 
+    # patches of each plain conv's input: computed once, shared by the K directions
+    patches = {u.site: jax.vmap(lambda ob: _jaxpr.conv_patches(u, ob[0]))(caps[u.site])
+               for u in per_ex if _jaxpr.patchable(u)}
+
     def per_direction(c):
       d, g = pullback(c)
       outer_r = {u.site: R(f32(d[u.site])) for u in outer}
@@ -162,6 +166,9 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
         t = chunk_t[u.site]
         if u.additive:
           grads = jax.vmap(lambda db: t(_jaxpr.operand_grad(u, None, db)))(d[u.site])
+        elif u.site in patches:
+          grads = jax.vmap(lambda pb, db: t(_jaxpr.conv_kernel_grad(u, pb, db)))(
+              patches[u.site], d[u.site])
         else:
           grads = jax.vmap(lambda ob, db: t(_jaxpr.operand_grad(u, ob, db)))(
               caps[u.site], d[u.site])

@@ -1,0 +1,275 @@
+"""Speed and memory of the importance estimators: factored engine vs vmap(vjp).
+
+    python benchmarks/importance.py            # full run, writes benchmarks/results/importance.{json,md}
+    python benchmarks/importance.py --quick    # small sizes, 2 repetitions, prints only
+
+For each model and estimator it times, interleaved in one process (median of
+``--reps`` runs after one warm-up run each):
+  * ``engine``:  the public estimator with ``engine='factored'``;
+  * ``vmap``:    the same estimator with ``engine='vmap'`` (per-example vjp).
+    It is 10-1000x slower, so it is timed on a subset of the examples and
+    scaled linearly to N (its cost is linear in N at a fixed chunk size);
+  * ``batched``: ONE gradient of the summed loss over the same N examples,
+    jitted, over chunks of the same size (loop unrolled): the cost floor.
+and reports both as ratios to ``batched``. Memory: XLA's compiled temporary
+buffer size (``memory_analysis().temp_size_in_bytes``) of each program.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import wva_jax as wj
+from wva_jax.importance._per_example import chunked
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- models ----------------------------------------------------------------------
+
+def mlp_model(n, rng):
+  sizes = (784, 300, 150, 10)
+  params = [{"w": jnp.asarray(rng.normal(size=(a, b)) * 2 / np.sqrt(a), jnp.float32),
+             "b": jnp.zeros(b, jnp.float32)} for a, b in zip(sizes[:-1], sizes[1:])]
+
+  def apply_fn(p, x):
+    for i, layer in enumerate(p):
+      x = x @ layer["w"] + layer["b"]
+      if i < len(p) - 1:
+        x = jax.nn.leaky_relu(x, 0.2)
+    return x
+
+  x = jnp.asarray(rng.uniform(size=(n, 784)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, n))
+  return apply_fn, params, x, y
+
+
+class CNN(nn.Module):
+  # Strided convs, not pooling: on XLA:CPU the backward of avg_pool (a base-
+  # dilated reduce_window) alone takes ~10x the rest of the gradient and would
+  # make every method look alike.
+  @nn.compact
+  def __call__(self, x):  # [B, 28, 28, 1]
+    x = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2))(x))
+    x = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2))(x))
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class Block(nn.Module):
+  d: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, mask):
+    x = x + nn.SelfAttention(num_heads=self.heads)(nn.LayerNorm()(x), mask=mask)
+    h = nn.Dense(4 * self.d)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.d)(jax.nn.gelu(h))
+
+
+class Transformer(nn.Module):
+  vocab: int = 64
+  d: int = 128
+  heads: int = 4
+  layers: int = 2
+  seq: int = 64
+
+  @nn.compact
+  def __call__(self, tokens):
+    pos = self.param("pos", nn.initializers.normal(0.02), (self.seq, self.d))
+    x = nn.Embed(self.vocab, self.d)(tokens) + pos[None, :tokens.shape[1]]
+    mask = nn.make_causal_mask(tokens)
+    for _ in range(self.layers):
+      x = Block(self.d, self.heads)(x, mask)
+    return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def fill(shapes, rng):
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]) or 1.0),
+                            jnp.float32), shapes)
+
+
+def cnn_model(n, rng):
+  m = CNN()
+  x = jnp.asarray(rng.uniform(size=(n, 28, 28, 1)), jnp.float32)
+  params = fill(jax.eval_shape(m.init, jax.random.key(0), x[:1]), rng)
+  return m.apply, params, x, jnp.asarray(rng.integers(0, 10, n))
+
+
+def transformer_model(n, rng):
+  m = Transformer()
+  x = jnp.asarray(rng.integers(0, m.vocab, (n, m.seq)))
+  params = fill(jax.eval_shape(m.init, jax.random.key(0), x[:1]), rng)
+  return m.apply, params, x, jnp.asarray(rng.integers(0, m.vocab, (n, m.seq)))
+
+
+# name: (builder, N, vmap subset, engine chunk candidates, vmap chunk, estimators)
+MODELS = {
+    "mlp 784-300-150-10": (mlp_model, 4096, 256, (512, 1024, 4096), 64,
+                           ("fisher (empirical)", "fisher (exact)", "mas", "sig")),
+    "cnn conv32-conv64-dense": (cnn_model, 1024, 64, (32, 64, 128), 32,
+                                ("fisher (empirical)", "mas", "sig")),
+    "transformer 2x128 seq64": (transformer_model, 256, 16, (16, 32, 64), 8,
+                                ("fisher (empirical)", "mas", "sig")),
+}
+
+
+def estimator(name, apply_fn, engine, chunk):
+  if name == "fisher (empirical)":
+    return lambda p, x, y: wj.importance.fisher(apply_fn, p, x, y, chunk_size=chunk, engine=engine)
+  if name == "fisher (exact)":
+    return lambda p, x, y: wj.importance.fisher(apply_fn, p, x, mode="exact", chunk_size=chunk,
+                                                engine=engine)
+  if name == "mas":
+    return lambda p, x, y: wj.importance.mas(apply_fn, p, x, chunk_size=chunk, engine=engine)
+  if name == "sig":
+    return lambda p, x, y: wj.importance.sig(apply_fn, p, x, chunk_size=chunk)
+  raise ValueError(name)
+
+
+def batched_gradient(apply_fn, chunk):
+  """One gradient of sum_b loss_b, scanned over chunks like the estimators."""
+
+  def loss(p, x, y):
+    logp = jax.nn.log_softmax(apply_fn(p, x).astype(jnp.float32))
+    return -jnp.take_along_axis(logp, y[..., None], -1).sum()
+
+  def f(p, x, y):
+    n = x.shape[0]
+    (xc, yc), _ = chunked((x, y), n, chunk)
+
+    def step(acc, c):
+      g = jax.grad(loss)(p, *c)
+      return jax.tree_util.tree_map(jnp.add, acc, g), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, p)
+    # Unrolled: inside a while loop XLA:CPU runs the kernel-gradient convolution
+    # 10-50x slower (measured), which would flatter every ratio to this baseline.
+    return jax.lax.scan(step, zeros, (xc, yc), unroll=True)[0]
+
+  return f
+
+
+def compile_fn(f, *args):
+  c = jax.jit(f).lower(*args).compile()
+  mem = c.memory_analysis()
+  temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+  return c, temp
+
+
+def timed(c, *args):
+  t0 = time.perf_counter()
+  jax.block_until_ready(c(*args))
+  return time.perf_counter() - t0
+
+
+def run(quick: bool, reps: int, only=()):
+  rows = []
+  rng = np.random.default_rng(0)
+  for model_name, (build, n, n_sub, chunks, vchunk, ests) in MODELS.items():
+    if only and not any(o in model_name for o in only):
+      continue
+    if quick:
+      n, n_sub, chunks = n // 4, max(n_sub // 4, 4), chunks[:2]
+    apply_fn, params, x, y = build(n, rng)
+    xs, ys = x[:n_sub], y[:n_sub]
+    print(f"\n{model_name}: N={n}, vmap timed on {n_sub} examples", flush=True)
+    # Tune the engine's chunk on the first estimator (one timed run per candidate).
+    best = None
+    for cs in chunks:
+      c, _ = compile_fn(estimator(ests[0], apply_fn, "factored", cs), params, x, y)
+      timed(c, params, x, y)
+      t = min(timed(c, params, x, y) for _ in range(2))
+      print(f"  chunk {cs}: {t:.3f}s", flush=True)
+      if best is None or t < best[1]:
+        best = (cs, t)
+    chunk = best[0]
+    base, base_mem = compile_fn(batched_gradient(apply_fn, chunk), params, x, y)
+    for est in ests:
+      eng, eng_mem = compile_fn(estimator(est, apply_fn, "factored", chunk), params, x, y)
+      vm = vm_mem = None
+      if est != "sig":  # sig has no vmap path
+        vm, vm_mem = compile_fn(estimator(est, apply_fn, "vmap", vchunk), params, xs, ys)
+      times = {"batched": [], "engine": [], "vmap": []}
+      calls = [("batched", base, (params, x, y)), ("engine", eng, (params, x, y))]
+      if vm is not None:
+        calls.append(("vmap", vm, (params, xs, ys)))
+      for _, c, a in calls:  # warm-up
+        timed(c, *a)
+      for _ in range(reps):
+        for k, c, a in calls:
+          times[k].append(timed(c, *a))
+      med = {k: statistics.median(v) for k, v in times.items() if v}
+      if "vmap" in med:
+        med["vmap"] *= n / n_sub
+      row = {"model": model_name, "estimator": est, "N": n, "chunk": chunk, "vmap_chunk": vchunk,
+             "vmap_timed_on": n_sub, "reps": reps,
+             "batched_s": med["batched"], "engine_s": med["engine"],
+             "vmap_s": med.get("vmap"),
+             "engine_x": med["engine"] / med["batched"],
+             "vmap_x": med["vmap"] / med["batched"] if "vmap" in med else None,
+             "batched_temp_mb": mb(base_mem), "engine_temp_mb": mb(eng_mem),
+             "vmap_temp_mb": mb(vm_mem)}
+      rows.append(row)
+      print(fmt_row(row), flush=True)
+  return rows
+
+
+def mb(b):
+  return None if b is None else b / 2**20
+
+
+def fmt(v, spec):
+  return "-" if v is None else format(v, spec)
+
+
+HEADER = ("| model | estimator | N | chunk | batched grad (s) | engine (s) | engine / batched "
+          "| vmap (s) | vmap / batched | temp MB batched / engine / vmap |")
+
+
+def fmt_row(r):
+  return (f"| {r['model']} | {r['estimator']} | {r['N']} | {r['chunk']} | {r['batched_s']:.3f} "
+          f"| {r['engine_s']:.3f} | {r['engine_x']:.2f}x | {fmt(r['vmap_s'], '.2f')} "
+          f"| {fmt(r['vmap_x'], '.0f')}x | {fmt(r['batched_temp_mb'], '.1f')} / "
+          f"{fmt(r['engine_temp_mb'], '.1f')} / {fmt(r['vmap_temp_mb'], '.1f')} |")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--only", nargs="*", default=(), help="substrings of model names")
+  args = ap.parse_args()
+  reps = 2 if args.quick else args.reps
+  rows = run(args.quick, reps, args.only)
+  table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
+  print("\n" + table)
+  if args.quick or args.only:
+    return
+  env = {"jax": jax.__version__, "backend": jax.default_backend(),
+         "cpu_count": os.cpu_count(), "platform": platform.platform(),
+         "command": "python benchmarks/importance.py"}
+  out = os.path.join(HERE, "results")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "importance.json"), "w") as f:
+    json.dump({"env": env, "rows": rows}, f, indent=1)
+  with open(os.path.join(out, "importance.md"), "w") as f:
+    f.write("# Importance estimators: factored engine vs vmap(vjp) vs one batched gradient\n\n")
+    f.write(f"`{env['command']}` on {env['cpu_count']} CPU cores ({env['backend']}, "
+            f"jax {env['jax']}); median of {reps} interleaved runs after warm-up. "
+            "`vmap` is timed on a subset of the examples and scaled linearly to N. "
+            "Temp MB: XLA's compiled temporary buffers.\n\n")
+    f.write(table + "\n")
+
+
+if __name__ == "__main__":
+  main()
