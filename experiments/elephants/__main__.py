@@ -1,0 +1,39 @@
+"""``python -m experiments.elephants <scenario|memory|scale|report> [--quick]``.
+
+* ``scenario``: pretrain on prose, fine-tune on Python per method and lambda;
+  appends to ``results/scenario[-quick].jsonl`` (resumable).
+* ``memory``: bytes of params / optimizer / consolidation state per method,
+  measured from compiled train steps -> ``results/memory.{json,md}``.
+* ``scale``: importance time and peak memory for transformers up to 100M+
+  parameters -> ``benchmarks/results/elephants_scale.{jsonl,md}``.
+* ``report``: Pareto table and plots from the jsonl -> ``results/README.md``, ``*.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m experiments.elephants", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("command", choices=["scenario", "memory", "scale", "report"])
+  p.add_argument("--quick", action="store_true", help="small, fast version (pipeline check)")
+  args = p.parse_args(argv)
+  if args.command == "scenario":
+    from experiments.elephants import scenario
+    scenario.run(scenario.QUICK if args.quick else scenario.Scenario())
+  elif args.command == "memory":
+    from experiments.elephants import memory
+    memory.main(quick=args.quick)
+  elif args.command == "scale":
+    from benchmarks import elephants_scale
+    elephants_scale.main(quick=args.quick)
+  else:
+    from experiments.elephants import report
+    report.main(quick=args.quick)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

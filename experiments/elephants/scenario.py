@@ -1,0 +1,150 @@
+"""The fine-tuning scenario: pretrain on prose (A), fine-tune on Python (B), per method and lambda.
+
+Every finished run is appended to ``results/scenario[-quick].jsonl``; running
+again skips the runs already there (resumable). The pretrained model and the
+importances are cached (``data.cache_dir()``), keyed by the configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import pickle
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.elephants import data, model as lm, train
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  cfg: lm.Config = lm.Config()
+  pretrain_steps: int = 1000
+  sched: train.Schedule = train.Schedule()
+  importance_examples: int = 256
+  # (method, importance kind, storage dtype, lambda grid); lambda multiplies a
+  # mean-normalised importance. Grids from a scan: WVA/implicit act on Adam's
+  # increments (1/(1+lambda*imp)), EWC adds lambda*imp*(theta-theta_A) to the gradient.
+  arms: tuple = (
+      ("plain", None, "float32", (0.0,)),
+      ("wva", "fisher", "float32", (1.0, 10.0, 100.0, 1000.0)),
+      ("ewc", "fisher", "float32", (0.1, 1.0, 10.0, 100.0)),
+      ("implicit_ewc", "fisher", "float32", (0.01, 0.1, 1.0, 10.0)),
+      ("wva", "mas", "float32", (1.0, 10.0, 100.0, 1000.0)),
+      ("wva", "sig", "float32", (1.0, 10.0, 100.0, 1000.0)),
+      ("wva", "fisher", "bfloat16", (10.0, 100.0)),
+      ("ewc", "fisher", "bfloat16", (1.0, 10.0)),
+  )
+  seed: int = 0
+  name: str = "scenario"
+
+
+QUICK = Scenario(cfg=lm.Config(d_model=64, heads=2, layers=2, seq_len=32), pretrain_steps=300,
+                 sched=train.Schedule(steps=40, eval_every=20, eval_size=64),
+                 importance_examples=64,
+                 arms=(("plain", None, "float32", (0.0,)),
+                       ("wva", "fisher", "float32", (10.0,)),
+                       ("wva", "mas", "float32", (10.0,)),
+                       ("wva", "sig", "float32", (10.0,)),
+                       ("ewc", "fisher", "float32", (1.0,)),
+                       ("implicit_ewc", "fisher", "float32", (0.1,)),
+                       ("wva", "fisher", "bfloat16", (10.0,))),
+                 name="scenario-quick")
+
+
+def _key(obj) -> str:
+  return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+
+def _cached(path: pathlib.Path, make):
+  if path.exists():
+    with open(path, "rb") as f:   # our own cache, written below: plain numpy arrays
+      return pickle.load(f)
+  value = make()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.with_suffix(".tmp"), "wb") as f:
+    pickle.dump(value, f)
+  path.with_suffix(".tmp").replace(path)
+  return value
+
+
+def prepare(sc: Scenario, log=print):
+  """Domains, the pretrained params (cached) and ``apply_fn``."""
+  a = data.load_domain("prose", sc.cfg.seq_len)
+  b = data.load_domain("code", sc.cfg.seq_len)
+  apply_fn, params0 = lm.init(sc.cfg, sc.seed)
+  treedef = jax.tree_util.tree_structure(params0)
+  tag = _key((sc.cfg, sc.pretrain_steps, sc.seed, a.sha256))
+
+  def make():
+    t = time.time()
+    p, hist = train.pretrain(apply_fn, params0, a, steps=sc.pretrain_steps, batch=sc.sched.batch,
+                             seed=sc.seed, log=log)
+    return {"leaves": [np.asarray(x) for x in jax.tree_util.tree_leaves(p)], "history": hist,
+            "seconds": time.time() - t}
+
+  pre = _cached(data.cache_dir() / f"pretrained-{tag}.pkl", make)
+  params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in pre["leaves"]])
+  return a, b, apply_fn, params, pre, tag
+
+
+def importance(sc, apply_fn, params, a, kind, tag, log=print):
+  treedef = jax.tree_util.tree_structure(params)
+
+  def make():
+    t = time.time()
+    imp = train.importance_on_a(apply_fn, params, a, kind, n=sc.importance_examples, seed=sc.seed)
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(imp)]
+    log(f"importance {kind}: {time.time() - t:.1f} s")
+    return {"leaves": leaves, "seconds": time.time() - t}
+
+  got = _cached(data.cache_dir() / f"importance-{kind}-{sc.importance_examples}-{tag}.pkl", make)
+  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in got["leaves"]]), got["seconds"]
+
+
+def run(sc: Scenario = Scenario(), log=print, out: pathlib.Path | None = None):
+  out = out or RESULTS / f"{sc.name}.jsonl"
+  done = set()
+  if out.exists():
+    for line in out.read_text().splitlines():
+      r = json.loads(line)
+      done.add((r["method"], r["importance"], r["dtype"], r["strength"]))
+  a, b, apply_fn, params, pre, tag = prepare(sc, log)
+  n_eval = sc.sched.eval_size
+  eval_a = (jnp.asarray(a.test[:n_eval]), jnp.asarray(a.test_mask[:n_eval]))
+  eval_b = (jnp.asarray(b.test[:n_eval]), jnp.asarray(b.test_mask[:n_eval]))
+  train_b = (jnp.asarray(b.train), jnp.asarray(b.train_mask))
+  for method, kind, dtype, grid in sc.arms:
+    todo = [s for s in grid if (method, kind, dtype, float(s)) not in done]
+    if not todo:
+      continue
+    imp, imp_seconds = (None, 0.0) if kind is None else importance(sc, apply_fn, params, a, kind, tag, log)
+    fn = train.make_run(apply_fn, method, sc.sched, None if dtype == "float32" else jnp.dtype(dtype))
+    for s in todo:
+      t = time.time()
+      _, curve = fn(params, imp, jnp.float32(s), jax.random.key(sc.seed + 1), train_b, eval_a, eval_b)
+      curve = np.asarray(curve)
+      rec = {"method": method, "importance": kind, "dtype": dtype, "strength": float(s),
+             "steps": [k * sc.sched.eval_every for k in range(len(curve))],
+             "nll_a": curve[:, 0].tolist(), "nll_b": curve[:, 1].tolist(),
+             "ppl_a": np.exp(curve[:, 0]).tolist(), "ppl_b": np.exp(curve[:, 1]).tolist(),
+             "seconds": time.time() - t, "importance_seconds": imp_seconds,
+             "config": {"model": dataclasses.asdict(sc.cfg), "schedule": dataclasses.asdict(sc.sched),
+                        "pretrain_steps": sc.pretrain_steps, "importance_examples": sc.importance_examples,
+                        "params": lm.num_params(params), "seed": sc.seed,
+                        "data": {"A": {"source": a.source, "sha256": a.sha256, "train": len(a.train)},
+                                 "B": {"source": b.source, "sha256": b.sha256, "train": len(b.train)}},
+                        "pretrain_seconds": pre["seconds"], "pretrain_final_nll": pre["history"][-1]}}
+      out.parent.mkdir(parents=True, exist_ok=True)
+      with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+      log(f"{method:13s} {str(kind):7s} {dtype:8s} lambda={s:<7g} ppl A {rec['ppl_a'][0]:.2f} -> "
+          f"{rec['ppl_a'][-1]:.2f}, ppl B {rec['ppl_b'][0]:.2f} -> {rec['ppl_b'][-1]:.2f} "
+          f"({rec['seconds']:.0f} s)")
+  return out

@@ -1,0 +1,174 @@
+"""Pretraining, importance on domain A, and fine-tuning on domain B with each method.
+
+One fine-tuning run is a single jitted program: ``lax.scan`` over evaluation
+intervals, each a scan over Adam steps on random domain-B batches. The
+strength ``lambda`` is a traced argument and importance/anchor are state
+values, so a whole lambda grid of one method compiles once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import wva_jax as wj
+from experiments.elephants import model as lm
+
+METHODS = ("plain", "ewc", "wva", "implicit_ewc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  batch: int = 16
+  steps: int = 120          # fine-tuning steps on B
+  eval_every: int = 30
+  lr: float = 1e-3
+  eval_size: int = 192      # held-out sequences per domain per evaluation
+
+
+def make_tx(method: str, strength, lr: float, importance_dtype=None) -> optax.GradientTransformation:
+  """The optimizer of each method; importance (and anchor) are set into its state afterwards.
+
+  * ``plain``: Adam.
+  * ``ewc``: ``chain(add_ewc, adam)``: Adam sees ``g + lambda*imp*(theta - theta_A)``.
+  * ``wva``: ``chain(adam, wva_scale)``: Adam's increments times ``1/(1+lambda*imp)``.
+  * ``implicit_ewc``: ``chain(adam, implicit_ewc)``: the proximal EWC step on Adam's
+    increments, ``eta`` absorbed into ``lambda``.
+  """
+  if method == "plain":
+    return optax.adam(lr)
+  if method == "ewc":
+    return optax.chain(wj.add_ewc(None, None, strength, importance_dtype=importance_dtype),
+                       optax.adam(lr))
+  if method == "wva":
+    return wj.wva_adam(lr, None, strength, importance_dtype=importance_dtype)
+  if method == "implicit_ewc":
+    return optax.chain(optax.adam(lr), wj.implicit_ewc(None, None, strength, learning_rate=1.0,
+                                                       importance_dtype=importance_dtype))
+  raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def consolidated_state(tx, params, importance):
+  """``tx.init(params)`` with the importance swapped in and the anchor at ``params``."""
+  state = tx.init(params)
+  if importance is None:
+    return state
+  state = wj.set_importance(state, importance)
+  try:
+    state = wj.set_anchor(state, params)
+  except ValueError:   # WVA has no anchor
+    pass
+  return state
+
+
+def make_train_step(apply_fn: Callable, tx):
+  def step(params, state, seqs, mask):
+    loss, grads = jax.value_and_grad(lambda p: lm.loss(apply_fn, p, seqs, mask))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+  return step
+
+
+def eval_loss(apply_fn, params, seqs, mask, batch: int = 64):
+  """Mean NLL per token over a held-out set, in batches (scan keeps one batch live)."""
+  n = (seqs.shape[0] // batch) * batch
+  xs = seqs[:n].reshape(-1, batch, seqs.shape[1])
+  ms = mask[:n].reshape(-1, batch, mask.shape[1])
+  def body(acc, xm):
+    s, c = lm.token_nll(apply_fn, params, *xm)
+    return (acc[0] + s, acc[1] + c), None
+  (s, c), _ = jax.lax.scan(body, (0.0, 0.0), (xs, ms))
+  return s / c
+
+
+def make_run(apply_fn, method: str, sched: Schedule, importance_dtype=None):
+  """A jitted ``run(params, importance, strength, key, train_b, eval_a, eval_b)``.
+
+  Returns ``(params, losses)``, ``losses[k] = (nll_A, nll_B)`` after
+  ``k * eval_every`` steps (``k = 0..steps/eval_every``).
+  """
+  n_evals = sched.steps // sched.eval_every
+
+  def run(params, importance, strength, key, train_b, eval_a, eval_b):
+    tx = make_tx(method, strength, sched.lr, importance_dtype)
+    state = consolidated_state(tx, params, importance)
+    step = make_train_step(apply_fn, tx)
+    seqs, mask = train_b
+
+    def one_step(carry, k):
+      p, s = carry
+      idx = jax.random.randint(k, (sched.batch,), 0, seqs.shape[0])
+      p, s, _ = step(p, s, seqs[idx], mask[idx])
+      return (p, s), None
+
+    def interval(carry, k):
+      carry, _ = jax.lax.scan(one_step, carry, jax.random.split(k, sched.eval_every))
+      p = carry[0]
+      return carry, jnp.stack([eval_loss(apply_fn, p, *eval_a), eval_loss(apply_fn, p, *eval_b)])
+
+    first = jnp.stack([eval_loss(apply_fn, params, *eval_a), eval_loss(apply_fn, params, *eval_b)])
+    (params, _), curve = jax.lax.scan(interval, (params, state), jax.random.split(key, n_evals))
+    return params, jnp.concatenate([first[None], curve])
+
+  return jax.jit(run)
+
+
+def pretrain(apply_fn, params, domain, *, steps: int, batch: int = 16, lr: float = 2e-3,
+             seed: int = 0, chunk: int = 100, log=print):
+  """Adam with linear warm-up and cosine decay on domain A; returns params and a loss log."""
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr / 10)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+  step = make_train_step(apply_fn, tx)
+  seqs, mask = jnp.asarray(domain.train), jnp.asarray(domain.train_mask)
+
+  @jax.jit
+  def chunk_fn(params, state, key):
+    def body(c, k):
+      idx = jax.random.randint(k, (batch,), 0, seqs.shape[0])
+      p, s, l = step(*c, seqs[idx], mask[idx])
+      return (p, s), l
+    (params, state), losses = jax.lax.scan(body, (params, state), jax.random.split(key, chunk))
+    return params, state, losses.mean()
+
+  state = tx.init(params)
+  key = jax.random.key(seed)
+  history = []
+  for i in range(max(1, steps // chunk)):
+    key, k = jax.random.split(key)
+    params, state, l = chunk_fn(params, state, k)
+    history.append(float(l))
+    log(f"pretrain step {(i + 1) * chunk}: train nll {float(l):.3f}")
+  return params, history
+
+
+def importance_on_a(apply_fn, params, domain, kind: str, *, n: int = 256, chunk_size: int = 32,
+                    seed: int = 0):
+  """Importance of ``params`` for domain A, mean-normalised (one lambda grid fits all kinds).
+
+  ``fisher``: true Fisher, one sampled continuation per position, per
+  sequence ``(d/dtheta sum_t m_t log p(y_t | x_<t))^2`` with padding masked;
+  ``fisher_emp``: the same with the real next bytes; ``mas``: gradient of
+  the squared norm of the masked logits; ``sig``: forward signal.
+  """
+  x, y, m = lm.split_batch(domain.train[:n], domain.train_mask[:n])
+  if kind == "fisher":
+    imp = wj.importance.fisher(apply_fn, params, x, mode="sampled", key=jax.random.key(seed),
+                               mask=m, chunk_size=chunk_size)
+  elif kind == "fisher_emp":
+    imp = wj.importance.fisher(apply_fn, params, x, y, mask=m, chunk_size=chunk_size)
+  elif kind == "mas":
+    masked = lambda p, xm: apply_fn(p, xm[0]) * xm[1][..., None]
+    imp = wj.importance.mas(masked, params, (x, m), chunk_size=chunk_size)
+  elif kind == "sig":
+    imp = wj.importance.sig(apply_fn, params, x, chunk_size=chunk_size)
+  else:
+    raise ValueError(f"unknown importance kind {kind!r}")
+  return wj.importance.normalize(imp)
+
+
+def to_numpy(tree):
+  return jax.tree_util.tree_map(np.asarray, tree)
