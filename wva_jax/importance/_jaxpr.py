@@ -23,6 +23,7 @@ engine differentiates it the general way.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Callable
 
@@ -236,31 +237,40 @@ def patchable(use: Use) -> bool:
 
 
 def conv_patches(use: Use, lhs):
-  """The input patches of one example's convolution, [F, positions] with F = (C, *window).
+  """The input patches of one example's convolution, [C * window, positions].
 
-  ``conv_general_dilated_patches`` is a forward convolution: XLA:CPU runs it
-  fast even inside a scan, unlike the kernel-gradient convolution (10-50x
-  slower in a loop body, measured).
+  Built from strided slices of the padded input (one per window offset):
+  plain memory moves, where XLA:CPU's patch-extraction and kernel-gradient
+  convolutions are slow (the latter 10-50x slower inside a scan, measured).
+  Rows are ordered (channel, *window), positions (batch, *output spatial).
   """
   p = use.eqn.params
   dn = p["dimension_numbers"]
   kshape = use.eqn.invars[1].aval.shape
-  window = tuple(kshape[a] for a in dn.rhs_spec[2:])
-  specs = (dn.lhs_spec, dn.rhs_spec, dn.out_spec)
-  patches = jax.lax.conv_general_dilated_patches(
-      as_f32(lhs), window, p["window_strides"], p["padding"], p["lhs_dilation"],
-      p["rhs_dilation"], dimension_numbers=jax.lax.ConvDimensionNumbers(*specs),
-      precision=jax.lax.Precision.HIGHEST)
-  f = dn.out_spec[1]
-  return jnp.moveaxis(patches, f, 0).reshape(patches.shape[f], -1)
+  oshape = use.eqn.outvars[0].aval.shape
+  window = [kshape[a] for a in dn.rhs_spec[2:]]
+  out = [oshape[a] for a in dn.out_spec[2:]]
+  x = jnp.transpose(as_f32(lhs), dn.lhs_spec)  # [N, C, *spatial]
+  pads = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in
+                                   zip(p["padding"], p["lhs_dilation"])]
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+  slices = []
+  for offset in itertools.product(*[range(w) for w in window]):
+    start = [0, 0] + [k * d for k, d in zip(offset, p["rhs_dilation"])]
+    stop = [x.shape[0], x.shape[1]] + [s + (o - 1) * st + 1 for s, o, st in
+                                       zip(start[2:], out, p["window_strides"])]
+    slices.append(jax.lax.slice(x, start, stop, [1, 1] + list(p["window_strides"])))
+  patches = jnp.stack(slices, axis=2)  # [N, C, window, *out]
+  patches = jnp.moveaxis(patches, 0, 2)  # [C, window, N, *out]
+  c = x.shape[1]
+  return patches.reshape(c * len(slices), -1)
 
 
 def conv_kernel_grad(use: Use, patches, d):
   """One example's kernel gradient sum_p patch_p d_p^T, in the kernel's layout."""
   dn = use.eqn.params["dimension_numbers"]
-  f = dn.out_spec[1]
-  d = jnp.moveaxis(d.astype(jnp.float32), f, 0).reshape(d.shape[f], -1)  # [O, positions]
-  g = patches @ d.T  # [C * window, O]
+  d = jnp.transpose(d.astype(jnp.float32), (dn.out_spec[1], dn.out_spec[0]) + tuple(dn.out_spec[2:]))
+  g = patches @ d.reshape(d.shape[0], -1).T  # [C * window, O]
   kshape = use.eqn.invars[1].aval.shape
   window = tuple(kshape[a] for a in dn.rhs_spec[2:])
   g = g.reshape((kshape[dn.rhs_spec[1]],) + window + (kshape[dn.rhs_spec[0]],))
