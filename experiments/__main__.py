@@ -27,7 +27,7 @@ def parse_args(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("name", choices=NAMES)
   p.add_argument("--quick", action="store_true",
-                 help="small version (3 tasks, 150 steps/task, 3 lambdas, 1+2 seeds) "
+                 help="small version (3 tasks, 150 steps/task, 3 lambdas, 1+3 seeds) "
                       "to check the pipeline; results go to results/<name>-quick")
   p.add_argument("--lambdas", type=float, nargs="+",
                  help="lambda grid for every protected arm")

@@ -253,6 +253,7 @@ def test_stats():
   assert stats.t975(120) == pytest.approx(1.9799, abs=1e-3)
   m, h, n = stats.mean_ci([1.0, 2.0, 3.0])
   assert (m, n) == (2.0, 3) and h == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-4)
-  recs = [{"lambda": l, "mean_acc": [0.9, a]} for l, a in [(1, 0.5), (10, 0.7), (10, 0.6), (100, 0.6)]]
+  pairs = [(1, 0.5), (10, 0.7), (10, 0.6), (100, 0.6)]
+  recs = [{"lambda": lam, "mean_acc": [0.9, a]} for lam, a in pairs]
   assert stats.select_lambda(recs)[0] == 10
   assert stats.select_lambda(recs, at_task=1)[0] == 1  # ties: the smaller lambda
