@@ -1,0 +1,128 @@
+"""What each method's train step holds, measured from the compiled program and the live arrays.
+
+For a train step ``(params, opt_state, batch) -> (params, opt_state, loss)``
+compiled with ``jax.jit(...).lower(...).compile()``, XLA's
+``memory_analysis()`` reports the bytes of its arguments, outputs and
+temporaries. Params and optimizer state are donated, so the outputs alias
+them and the steady-state footprint is ``arguments + temporaries``. The
+arguments minus the batch are the persistent training state; as a multiple
+of the parameter bytes that is the seed's "EWC costs 3x the model, WVA 2x".
+The live-array count (``nbytes`` of every leaf, split into params, optimizer
+moments, and WVA/EWC state) must agree with the compiled argument bytes.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import wva_jax as wj
+from experiments.elephants import model as lm, train
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+# (optimizer, consolidation, importance storage dtype)
+CONFIGS = (
+    ("sgd", "none", None), ("sgd", "wva", None), ("sgd", "wva", "bfloat16"),
+    ("sgd", "ewc", None), ("sgd", "ewc", "bfloat16"),
+    ("adam", "none", None), ("adam", "wva", None), ("adam", "wva", "bfloat16"),
+    ("adam", "ewc", None), ("adam", "ewc", "bfloat16"),
+    ("adam", "implicit_ewc", None),
+)
+
+
+def build_tx(optimizer: str, consolidation: str, dtype, lr: float = 1e-3, strength: float = 1.0):
+  base = optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
+  dt = None if dtype is None else jnp.dtype(dtype)
+  if consolidation == "none":
+    return base
+  if consolidation == "wva":
+    return optax.chain(base, wj.wva_scale(None, strength, importance_dtype=dt))
+  if consolidation == "ewc":
+    return optax.chain(wj.add_ewc(None, None, strength, importance_dtype=dt), base)
+  if consolidation == "implicit_ewc":
+    return optax.chain(base, wj.implicit_ewc(None, None, strength, importance_dtype=dt))
+  raise ValueError(f"unknown consolidation {consolidation!r}")
+
+
+def nbytes(tree) -> int:
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def split_state(opt_state):
+  """``(optimizer part, consolidation part)`` of an optax state: WVA/EWC states vs the rest."""
+  is_cons = lambda s: isinstance(s, (wj.WVAState, wj.EWCState))
+  cons = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_cons) if is_cons(s)]
+  rest = jax.tree_util.tree_map(lambda s: None if is_cons(s) else s, opt_state, is_leaf=is_cons)
+  return rest, cons
+
+
+def measure(apply_fn, params, batch, optimizer: str, consolidation: str, dtype) -> dict:
+  """Live and compiled bytes of one configuration's train step."""
+  tx = build_tx(optimizer, consolidation, dtype)
+  state = tx.init(params)
+  step = jax.jit(train.make_train_step(apply_fn, tx), donate_argnums=(0, 1))
+  compiled = step.lower(params, state, *batch).compile()
+  ma = compiled.memory_analysis()
+  p = nbytes(params)
+  opt, cons = split_state(state)
+  live = {"params": p, "optimizer": nbytes(opt), "consolidation": nbytes(cons)}
+  args = int(ma.argument_size_in_bytes)
+  batch_bytes = nbytes(batch)
+  name = optimizer + ("" if consolidation == "none" else f"+{consolidation}") + (
+      f" (importance {dtype})" if dtype else "")
+  return {"name": name, "optimizer": optimizer, "consolidation": consolidation,
+          "importance_dtype": dtype or "float32", **{f"{k}_bytes": v for k, v in live.items()},
+          "state_multiple": (live["params"] + live["optimizer"] + live["consolidation"]) / p,
+          "consolidation_multiple": live["consolidation"] / p,
+          "compiled_argument_bytes": args, "compiled_output_bytes": int(ma.output_size_in_bytes),
+          "compiled_alias_bytes": int(ma.alias_size_in_bytes),
+          "compiled_temp_bytes": int(ma.temp_size_in_bytes), "batch_bytes": batch_bytes,
+          "compiled_state_multiple": (args - batch_bytes) / p,
+          "compiled_peak_multiple": (args + int(ma.temp_size_in_bytes)) / p}
+
+
+def measure_all(cfg: lm.Config, batch_size: int = 16):
+  apply_fn, params = lm.init(cfg)
+  seqs = jnp.zeros((batch_size, cfg.seq_len + 1), jnp.uint8)
+  batch = (seqs, jnp.ones_like(seqs))
+  rows = [measure(apply_fn, params, batch, *c) for c in CONFIGS]
+  return {"model": {"config": cfg.__dict__, "params": lm.num_params(params),
+                    "param_bytes": nbytes(params)}, "batch": batch_size, "rows": rows}
+
+
+def markdown(res) -> str:
+  m = res["model"]
+  lines = [f"Model: {m['params']:,} float32 parameters ({m['param_bytes'] / 2**20:.2f} MiB), "
+           f"config {m['config']}, batch {res['batch']}.", "",
+           "| train step | params | optimizer | WVA/EWC state | state / params (live) "
+           "| state / params (compiled args) | + temporaries |",
+           "|---|---|---|---|---|---|---|"]
+  for r in res["rows"]:
+    p = r["params_bytes"]
+    lines.append(f"| {r['name']} | 1.00 | {r['optimizer_bytes'] / p:.2f} | "
+                 f"{r['consolidation_bytes'] / p:.2f} | **{r['state_multiple']:.2f}x** | "
+                 f"{r['compiled_state_multiple']:.2f}x | {r['compiled_peak_multiple']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def main(quick: bool = False):
+  cfg = lm.Config(d_model=64, heads=2, layers=2, seq_len=32) if quick else lm.Config()
+  res = measure_all(cfg)
+  suffix = "-quick" if quick else ""
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / f"memory{suffix}.json").write_text(json.dumps(res, indent=1))
+  md = markdown(res)
+  (RESULTS / f"memory{suffix}.md").write_text(
+      "# Memory of a train step, as multiples of the parameter bytes\n\n"
+      "Command: `python -m experiments.elephants memory`. Columns: bytes of each part of "
+      "the persistent training state (live arrays) over the parameter bytes; the compiled "
+      "step's argument bytes (params + optimizer state, batch excluded) from "
+      "`jax.jit(step).lower(...).compile().memory_analysis()`; and arguments plus XLA "
+      "temporaries (activations, gradients) for this batch.\n\n" + md)
+  print(md)
+  return res
