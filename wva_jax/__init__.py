@@ -5,6 +5,7 @@ much each parameter matters; consolidation transforms (EWC and weight
 velocity attenuation, WVA) restrain changes to important parameters.
 """
 from wva_jax import importance, metrics
+from wva_jax import sharding
 from wva_jax.ewc import EWCState, add_ewc, ewc_penalty, implicit_ewc
 from wva_jax.state import set_anchor, set_importance
 from wva_jax.wva import WVAState, attenuation, wva_adam, wva_scale, wva_sgd
