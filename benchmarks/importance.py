@@ -114,7 +114,7 @@ def transformer_model(n, rng):
 
 # name: (builder, N, vmap subset, engine chunk candidates, vmap chunk, estimators)
 MODELS = {
-    "mlp 784-300-150-10": (mlp_model, 4096, 256, (512, 1024, 4096), 64,
+    "mlp 784-300-150-10": (mlp_model, 4096, 128, (512, 1024, 4096), 64,
                            ("fisher (empirical)", "fisher (exact)", "mas", "sig")),
     "cnn conv32-conv64-dense": (cnn_model, 1024, 64, (32, 64, 128), 32,
                                 ("fisher (empirical)", "mas", "sig")),
@@ -243,6 +243,10 @@ def fmt_row(r):
           f"{fmt(r['engine_temp_mb'], '.1f')} / {fmt(r['vmap_temp_mb'], '.1f')} |")
 
 
+def fmt_load(load):
+  return "/".join(f"{v:.1f}" for v in load)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
@@ -250,14 +254,18 @@ def main():
   ap.add_argument("--only", nargs="*", default=(), help="substrings of model names")
   args = ap.parse_args()
   reps = 2 if args.quick else args.reps
+  load_before = os.getloadavg()
   rows = run(args.quick, reps, args.only)
+  load_after = os.getloadavg()
   table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
   print("\n" + table)
   if args.quick or args.only:
     return
   env = {"jax": jax.__version__, "backend": jax.default_backend(),
          "cpu_count": os.cpu_count(), "platform": platform.platform(),
-         "command": "python benchmarks/importance.py"}
+         "command": "python benchmarks/importance.py",
+         # other jobs share the CPU: ratios come from interleaved runs, but are noisy
+         "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": load_after}
   out = os.path.join(HERE, "results")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "importance.json"), "w") as f:
@@ -267,7 +275,8 @@ def main():
     f.write(f"`{env['command']}` on {env['cpu_count']} CPU cores ({env['backend']}, "
             f"jax {env['jax']}); median of {reps} interleaved runs after warm-up. "
             "`vmap` is timed on a subset of the examples and scaled linearly to N. "
-            "Temp MB: XLA's compiled temporary buffers.\n\n")
+            "Temp MB: XLA's compiled temporary buffers. Load average (1/5/15 min) "
+            f"before {fmt_load(load_before)}, after {fmt_load(load_after)}.\n\n")
     f.write(table + "\n")
 
 

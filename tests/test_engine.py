@@ -247,6 +247,17 @@ def test_unseen_uses_fall_back(data):
   assert rel_err(fast, ref) <= 1e-5
 
 
+def test_unused_and_integer_leaves_are_zero(data):
+  params = {"mlp": mlp_init(11), "spare": jnp.ones(4), "step": jnp.array(3, jnp.int32)}
+  model = lambda p, x: mlp(p["mlp"], x)
+  report = engine_report(model, params, data["x"])
+  assert report["spare"] == "unused" and report["step"] == "unused (integer)"
+  f = lambda p, m: gradient_sums(m, p, data["x"], score, {"y": data["y"]}, chunk_size=4)
+  out = jax.jit(lambda p: f(p, model))(params)
+  assert not np.any(out["spare"]) and not np.any(out["step"])
+  assert rel_err(out["mlp"], jax.jit(lambda p: f(p, mlp))(params["mlp"])) <= 1e-6
+
+
 def test_jit_wrapped_remat_and_dtype_cast(data):
   """Uses are followed through jit, remat and convert_element_type."""
   params = mlp_init(6)

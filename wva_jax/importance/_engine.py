@@ -46,14 +46,14 @@ def _classify(plan, leaves) -> list[str]:
   for i, leaf in enumerate(leaves):
     uses = plan.uses.get(i, [])
     blocked = plan.blocked.get(i, [])
-    if blocked:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      out.append("unused (integer)")  # integer leaves carry no gradient: zeros
+    elif blocked:
       out.append(f"fallback: used by {blocked[0]}")
     elif not uses:
       out.append("unused")
     elif len(uses) > 1:
       out.append(f"fallback: used by {len(uses)} ops")
-    elif not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      out.append("fallback: not a float parameter")
     else:
       u = uses[0]
       if u.prim == "dot_general":
@@ -117,7 +117,8 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
   treedef = jax.tree_util.tree_structure(params)
   shapes = [jnp.shape(l) for l in leaves]
   fallback = [i for i, k in enumerate(kinds) if k.startswith("fallback")]
-  factored = [i for i, k in enumerate(kinds) if not k.startswith("fallback") and k != "unused"]
+  factored = [i for i, k in enumerate(kinds)
+              if not k.startswith("fallback") and not k.startswith("unused")]
   sites = plan.sites(factored)
   outer = [u for u in sites if kinds[u.leaf] == "dense"]
   per_ex = [u for u in sites if kinds[u.leaf] != "dense"]

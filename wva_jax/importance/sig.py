@@ -87,11 +87,15 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None):
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
   plan = _jaxpr.trace(apply_fn, params, example)
   names = _jaxpr.leaf_paths(params)
-  for i, reasons in plan.blocked.items():
+  floats = [i for i, l in enumerate(leaves) if jnp.issubdtype(jnp.result_type(l), jnp.inexact)]
+  for i in floats:  # integer leaves (step counters...) carry no signal: zeros
+    if i not in plan.blocked:
+      continue
+    reasons = plan.blocked[i]
     raise ValueError(f"sig cannot see how parameter {names[i]!r} enters the model: it is "
                      f"used by primitive {reasons[0]!r}; sig follows dot_general, conv, mul, "
                      "gather, add and sub (through jit, remat and layout ops)")
-  sites = plan.sites(range(len(leaves)))
+  sites = plan.sites(floats)
   (x_chunks,), valid = chunked((inputs,), n, chunk)
 
   def signal(use, invals, out):
