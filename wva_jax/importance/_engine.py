@@ -15,8 +15,10 @@ jaxpr (``_jaxpr.trace``), with no model rewrite and no loss registration:
   ``R(X)^T sum_k R(D_k)``.
 * dense over positions (tokens), conv, bias, scale (``mul``), embedding
   (``gather``): the per-example gradient of that parameter alone is formed by
-  one batched contraction over the example's positions (the parameter's VJP
-  under ``vmap``), then reduced. Never one backward pass per example.
+  one batched contraction over the example's positions (the op's VJP in the
+  parameter, under ``vmap``; for a convolution, input patches from strided
+  slices times ``D``, einsum('bkp,bop->bko')), then reduced. Never one
+  backward pass per example.
 * fallback (a parameter used by several ops, or inside control flow or a
   custom-derivative call...): per-example gradients of those leaves only.
 
