@@ -250,7 +250,7 @@ def fmt_load(load):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--only", nargs="*", default=(), help="substrings of model names")
   args = ap.parse_args()
   reps = 2 if args.quick else args.reps
