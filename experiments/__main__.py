@@ -88,7 +88,7 @@ def quickstart(args, exp: Experiment) -> None:
   t0 = time.perf_counter()
   study = Study(exp, out, batch_runs=args.batch_runs, progress=not args.no_progress)
   study.run()
-  summary = report.summarize(study.store.records())
+  summary = report.summarize(study.store.records(), exp)
   names = [f"{s['arm']}" + ("" if s["lambda"] == 0 else f" λ={s['lambda']:g}") for s in summary]
   width = max(len(n) for n in names)
   print("\nmean test accuracy (%) over the tasks seen so far, after each task:")

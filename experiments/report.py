@@ -31,9 +31,10 @@ def _forgetting(R):
   return float(np.mean(best - R[-1, :-1]))
 
 
-def _arms(records):
-  """Arm names in first-seen order."""
-  order = []
+def _arms(records, exp=None):
+  """Arm names in the experiment's order, then any others in first-seen order."""
+  order = [a.name for a in exp.arms] if exp is not None else []
+  order = [a for a in order if any(r["arm"] == a for r in records)]
   for r in records:
     if r["arm"] not in order:
       order.append(r["arm"])
@@ -48,10 +49,15 @@ def _selected(recs_select, recs_report, T, at=None):
   return lams[0] if lams else math.nan
 
 
-def summarize(records):
+def _experiment(name):
+  base = name.removesuffix("-quick")
+  return QUICKSTART if base == "quickstart" else EXPERIMENTS.get(base)
+
+
+def summarize(records, exp=None):
   """Per arm: selected lambda, fresh-seed stats, selection curve."""
   out = []
-  for arm in _arms(records):
+  for arm in _arms(records, exp):
     rs = [r for r in records if r["arm"] == arm]
     sel = [r for r in rs if r["phase"] == "select"]
     rep_all = [r for r in rs if r["phase"] == "report"]
@@ -134,10 +140,9 @@ def lambda_by_tasks(records):
 
 
 def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path):
-  summary = summarize(records)
+  exp = _experiment(name)
+  summary = summarize(records, exp)
   pngs = plot_experiment(name, summary, out_dir)
-  base = name.removesuffix("-quick")
-  exp = QUICKSTART if base == "quickstart" else EXPERIMENTS.get(base)
   question = exp.question if exp else ""
   lines = [f"## {name}", ""]
   if question:
@@ -166,8 +171,9 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
       lines += [f"| {a} | {k} | {lam:g} | {100 * m:.2f} | {_fmt(*f[:2])} |"
                 for a, k, lam, m, f in rows]
   wall = [w for s in summary for w in s["wall"]]
-  lines += ["", f"{len(wall)} runs, {sum(wall) / 60:.1f} CPU-minutes of wall time in total "
-            f"({np.mean(wall):.1f} s per run, vmapped).", "", "Produced by:", ""]
+  lines += ["", f"{len(wall)} runs, {sum(wall) / 60:.1f} minutes of wall time in total "
+            f"({np.mean(wall):.1f} s per run; runs of a batch share its wall time).", "",
+            "Produced by:", ""]
   cmds = sorted({c for s in summary for c in s["commands"]})
   lines += [f"    {c}" for c in cmds]
   lines += [""] + [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in pngs] + [""]
