@@ -61,36 +61,40 @@ def split_state(opt_state):
   return rest, cons
 
 
-def measure(apply_fn, params, batch, optimizer: str, consolidation: str, dtype) -> dict:
-  """Live and compiled bytes of one configuration's train step."""
+def measure(apply_fn, params, batch, optimizer: str, consolidation: str, dtype,
+            compile: bool = True) -> dict:
+  """Live and (if ``compile``) compiled bytes of one configuration's train step."""
   tx = build_tx(optimizer, consolidation, dtype)
   state = tx.init(params)
-  step = jax.jit(train.make_train_step(apply_fn, tx), donate_argnums=(0, 1))
-  compiled = step.lower(params, state, *batch).compile()
-  ma = compiled.memory_analysis()
   p = nbytes(params)
   opt, cons = split_state(state)
   live = {"params": p, "optimizer": nbytes(opt), "consolidation": nbytes(cons)}
-  args = int(ma.argument_size_in_bytes)
-  batch_bytes = nbytes(batch)
   name = optimizer + ("" if consolidation == "none" else f"+{consolidation}") + (
       f" (importance {dtype})" if dtype else "")
-  return {"name": name, "optimizer": optimizer, "consolidation": consolidation,
-          "importance_dtype": dtype or "float32", **{f"{k}_bytes": v for k, v in live.items()},
-          "state_multiple": (live["params"] + live["optimizer"] + live["consolidation"]) / p,
-          "consolidation_multiple": live["consolidation"] / p,
-          "compiled_argument_bytes": args, "compiled_output_bytes": int(ma.output_size_in_bytes),
+  row = {"name": name, "optimizer": optimizer, "consolidation": consolidation,
+         "importance_dtype": dtype or "float32", **{f"{k}_bytes": v for k, v in live.items()},
+         "state_multiple": (live["params"] + live["optimizer"] + live["consolidation"]) / p,
+         "consolidation_multiple": live["consolidation"] / p}
+  if not compile:
+    return row
+  step = jax.jit(train.make_train_step(apply_fn, tx), donate_argnums=(0, 1))
+  ma = step.lower(params, state, *batch).compile().memory_analysis()
+  args = int(ma.argument_size_in_bytes)
+  batch_bytes = nbytes(batch)
+  return {**row, "compiled_argument_bytes": args, "compiled_output_bytes": int(ma.output_size_in_bytes),
           "compiled_alias_bytes": int(ma.alias_size_in_bytes),
           "compiled_temp_bytes": int(ma.temp_size_in_bytes), "batch_bytes": batch_bytes,
           "compiled_state_multiple": (args - batch_bytes) / p,
           "compiled_peak_multiple": (args + int(ma.temp_size_in_bytes)) / p}
 
 
-def measure_all(cfg: lm.Config, batch_size: int = 16):
+def measure_all(cfg: lm.Config, batch_size: int = 16, configs=CONFIGS, compile_configs=None):
+  """Rows for ``configs``; only ``compile_configs`` (default: all) are compiled."""
   apply_fn, params = lm.init(cfg)
   seqs = jnp.zeros((batch_size, cfg.seq_len + 1), jnp.uint8)
   batch = (seqs, jnp.ones_like(seqs))
-  rows = [measure(apply_fn, params, batch, *c) for c in CONFIGS]
+  rows = [measure(apply_fn, params, batch, *c, compile=compile_configs is None or c in compile_configs)
+          for c in configs]
   return {"model": {"config": cfg.__dict__, "params": lm.num_params(params),
                     "param_bytes": nbytes(params)}, "batch": batch_size, "rows": rows}
 

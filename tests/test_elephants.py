@@ -1,0 +1,115 @@
+"""The elephants scenario's parts: real text data, a causal LM, masked per-sequence Fisher, memory multiples."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import wva_jax as wj
+from experiments.elephants import data, memory, model as lm, report, train
+
+TINY = lm.Config(d_model=16, heads=2, layers=1, seq_len=8)
+
+
+def test_sequences_are_overlapping_windows_with_padding_masked():
+  seqs, mask = data.to_sequences(["abcdefghijklmnopq", "0123456789"], seq_len=8)
+  doc = b"abcdefghijklmnopq\n"
+  assert seqs.shape == mask.shape and seqs.shape[1] == 9
+  assert bytes(seqs[0]) == doc[:9] and bytes(seqs[1]) == doc[8:17]   # targets continue the inputs
+  # every masked-in byte is the text's, every masked-out one is padding
+  for s, m in zip(seqs, mask):
+    assert (s[m == 0] == data.PAD).all()
+  assert data.decode(seqs[-1][mask[-1] == 1]).startswith("0123456789"[:int(mask[-1].sum())])
+
+
+def test_domains_are_real_prose_and_python():
+  a, b = data.load_domain("prose", 32), data.load_domain("code", 32)
+  prose, code = " ".join(data.decode(r) for r in a.train[:400]), " ".join(data.decode(r) for r in b.train[:400])
+  assert prose.count(" the ") > 50 and code.count("def ") > 5 and code.count("self") > 10
+  assert prose.count("def ") < code.count("def ") / 4
+  assert len(a.test) > 100 and len(b.test) > 100
+  assert data.load_domain("prose", 32).sha256 == a.sha256   # cached and stable
+
+
+def test_model_is_causal():
+  apply_fn, params = lm.init(TINY)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)), jnp.uint8)
+  y = x.at[:, 5].set((x[:, 5] + 1) % 256)
+  a, b = jax.jit(apply_fn)(params, x), jax.jit(apply_fn)(params, y)
+  assert a.shape == (2, 8, 256)
+  np.testing.assert_array_equal(a[:, :5], b[:, :5])
+  assert np.abs(np.asarray(a[:, 5:] - b[:, 5:])).max() > 1e-4
+
+
+def test_per_sequence_fisher_sums_masked_positions():
+  apply_fn, params = lm.init(TINY)
+  rng = np.random.default_rng(1)
+  seqs = rng.integers(1, 256, (3, 9)).astype(np.uint8)
+  mask = np.ones_like(seqs)
+  mask[1, 5:] = 0
+  seqs = seqs * mask
+  x, y, m = lm.split_batch(seqs, mask)
+  fisher = wj.importance.fisher(apply_fn, params, x, y, mask=m)
+  # reference: per sequence, the gradient of the masked sum of log-likelihoods, squared
+  def loglik(p, xi, yi, mi):
+    logp = jax.nn.log_softmax(apply_fn(p, xi[None])[0])
+    return jnp.sum(jnp.take_along_axis(logp, yi[:, None], -1)[:, 0] * mi)
+  grad = jax.jit(jax.grad(loglik))
+  grads = [grad(params, x[i], y[i], m[i]) for i in range(3)]
+  ref = jax.tree_util.tree_map(lambda *g: sum(jnp.square(v) for v in g) / 3, *grads)
+  for f, r in zip(jax.tree_util.tree_leaves(fisher), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(f, r, rtol=2e-4, atol=1e-9)
+  # what sits in the padding does not matter
+  x2 = x.at[1, 6:].set(77)
+  y2 = y.at[1, 5:].set(3)
+  f2 = wj.importance.fisher(apply_fn, params, x2, y2, mask=m)
+  for a, b in zip(jax.tree_util.tree_leaves(fisher), jax.tree_util.tree_leaves(f2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-10)
+
+
+# state bytes / param bytes, per (optimizer, consolidation, importance dtype)
+EXPECTED = {("sgd", "none", None): 1.0, ("sgd", "wva", None): 2.0, ("sgd", "wva", "bfloat16"): 1.5,
+            ("sgd", "ewc", None): 3.0, ("sgd", "ewc", "bfloat16"): 2.5,
+            ("adam", "none", None): 3.0, ("adam", "wva", None): 4.0, ("adam", "wva", "bfloat16"): 3.5,
+            ("adam", "ewc", None): 5.0, ("adam", "ewc", "bfloat16"): 4.5,
+            ("adam", "implicit_ewc", None): 5.0}
+
+
+def test_memory_multiples_measured_from_compiled_step():
+  # compiling costs seconds each: compile the claims' five, count live bytes for all
+  compiled = [("sgd", "wva", None), ("sgd", "ewc", None), ("adam", "none", None),
+              ("adam", "wva", "bfloat16"), ("adam", "ewc", None)]
+  res = memory.measure_all(TINY, batch_size=2, compile_configs=compiled)
+  assert len(res["rows"]) == len(EXPECTED)
+  assert sum("compiled_state_multiple" in r for r in res["rows"]) == len(compiled)
+  for row, (key, want) in zip(res["rows"], EXPECTED.items()):
+    assert (row["optimizer"], row["consolidation"], None if row["importance_dtype"] == "float32"
+            else row["importance_dtype"]) == key
+    # live arrays and the compiled program's arguments agree; Adam's step count adds a few bytes
+    assert row["state_multiple"] == pytest.approx(want, abs=1e-3), row["name"]
+    if "compiled_state_multiple" in row:
+      assert row["compiled_state_multiple"] == pytest.approx(want, abs=1e-3), row["name"]
+
+
+def test_finetune_run_compiles_once_and_wva_zero_is_adam():
+  a = data.load_domain("prose", TINY.seq_len)
+  b = data.load_domain("code", TINY.seq_len)
+  apply_fn, params = lm.init(TINY)
+  sched = train.Schedule(batch=4, steps=4, eval_every=2, eval_size=8)
+  ev = lambda d: (jnp.asarray(d.test[:8]), jnp.asarray(d.test_mask[:8]))
+  args = (jnp.asarray(b.train[:64]), jnp.asarray(b.train_mask[:64])), ev(a), ev(b)
+  imp = jax.tree_util.tree_map(jnp.ones_like, params)
+  key = jax.random.key(0)
+  _, plain = train.make_run(apply_fn, "plain", sched)(params, None, 0.0, key, *args)
+  wva = train.make_run(apply_fn, "wva", sched)
+  _, zero = wva(params, imp, jnp.float32(0.0), key, *args)
+  p_frozen, frozen = wva(params, imp, jnp.float32(1e9), key, *args)
+  assert plain.shape == (3, 2)
+  np.testing.assert_allclose(zero, plain, rtol=1e-6)
+  np.testing.assert_allclose(frozen, np.repeat(frozen[:1], 3, 0), rtol=1e-6)  # nothing moves
+  assert wva._cache_size() == 1   # lambda is traced: one compile for the grid
+  assert not np.allclose(plain[0], plain[-1])
+
+
+def test_pareto_front():
+  pts = [(1.0, 5.0), (2.0, 4.0), (2.5, 4.5), (3.0, 1.0), (3.0, 1.0)]
+  assert report.pareto(pts) == [0, 1, 3, 4]
