@@ -112,6 +112,7 @@ def plot_experiment(name, summary, out_dir: pathlib.Path):
         m = np.array([v[0] for v in s["select"].values()]) * 100
         ax.plot(lams, m, marker="o", ms=3, label=s["arm"])
     ax.set_xscale("log")
+    _clip_diverged(ax, [100 * v[0] for s in summary for v in s["select"].values()])
     ax.set_xlabel("λ")
     ax.set_ylabel("mean accuracy after the last task (%)")
     ax.set_title(f"{name}: lambda selection (selection seeds)")
@@ -122,6 +123,48 @@ def plot_experiment(name, summary, out_dir: pathlib.Path):
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
   return paths
+
+
+def _clip_diverged(ax, values):
+  """Keep the axis on working runs; diverged ones (chance level) fall below it."""
+  good = [v for v in values if v > 30]
+  if good and len(good) < len(values):
+    ax.set_ylim(min(good) - 2, max(good) + 1)
+    ax.text(0.01, 0.98, "points below the axis: runs that diverged (chance level)", va="top",
+            transform=ax.transAxes, fontsize=7, color="gray")
+
+
+def plot_lambda_by_tasks(records, out_dir: pathlib.Path):
+  """Seed exp. 5: accuracy after k tasks vs lambda (selection seeds), one line per k."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  sel = [r for r in records if r["phase"] == "select"]
+  if not sel:
+    return []
+  arm = sel[0]["arm"]
+  sel = [r for r in sel if r["arm"] == arm]
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  lams = sorted({r["lambda"] for r in sel})
+  values = []
+  for k in range(2, len(sel[0]["mean_acc"]) + 1):
+    m = [100 * np.mean([r["mean_acc"][k - 1] for r in sel if r["lambda"] == lam]) for lam in lams]
+    values += m
+    line, = ax.plot(lams, m, marker="o", ms=3, label=f"{k} tasks")
+    best = int(np.argmax(m))
+    ax.plot(lams[best], m[best], "*", ms=10, color=line.get_color())
+  ax.set_xscale("log")
+  _clip_diverged(ax, values)
+  ax.set_xlabel("λ")
+  ax.set_ylabel("mean accuracy after k tasks (%)")
+  ax.set_title(f"{arm}: best λ (stars) per number of tasks")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  path = out_dir / "lambda_by_tasks.png"
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
 
 
 def lambda_by_tasks(records):
@@ -143,6 +186,8 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
   exp = _experiment(name)
   summary = summarize(records, exp)
   pngs = plot_experiment(name, summary, out_dir)
+  if exp is not None and exp.select_at:
+    pngs += plot_lambda_by_tasks(records, out_dir)
   question = exp.question if exp else ""
   lines = [f"## {name}", ""]
   if question:

@@ -11,7 +11,8 @@ as in the seed's TF version.
 Random streams per run: ``key = PRNGKey(seed)``; init from ``fold_in(key, 0)``,
 task t's batch order from ``fold_in(key, 1 + t)``, sampled-Fisher draws from
 ``fold_in(key, 10_000 + t)``. A run's result does not depend on which other
-runs share its batch.
+runs share its batch, up to float rounding (XLA may order a batched matmul's
+sums differently for another batch size).
 """
 from __future__ import annotations
 
