@@ -108,9 +108,10 @@ def markdown(res) -> str:
            "|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     p = r["params_bytes"]
+    comp = (f"{r['compiled_state_multiple']:.2f}x | {r['compiled_peak_multiple']:.2f}x"
+            if "compiled_state_multiple" in r else "(not compiled) | ")
     lines.append(f"| {r['name']} | 1.00 | {r['optimizer_bytes'] / p:.2f} | "
-                 f"{r['consolidation_bytes'] / p:.2f} | **{r['state_multiple']:.2f}x** | "
-                 f"{r['compiled_state_multiple']:.2f}x | {r['compiled_peak_multiple']:.2f}x |")
+                 f"{r['consolidation_bytes'] / p:.2f} | **{r['state_multiple']:.2f}x** | {comp} |")
   return "\n".join(lines) + "\n"
 
 

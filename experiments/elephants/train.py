@@ -74,7 +74,11 @@ def make_train_step(apply_fn: Callable, tx):
 
 
 def eval_loss(apply_fn, params, seqs, mask, batch: int = 64):
-  """Mean NLL per token over a held-out set, in batches (scan keeps one batch live)."""
+  """Mean NLL per token over a held-out set, in batches (scan keeps one batch live).
+
+  The set is cut to a whole number of batches (at least one, of the whole set if smaller).
+  """
+  batch = min(batch, seqs.shape[0])
   n = (seqs.shape[0] // batch) * batch
   xs = seqs[:n].reshape(-1, batch, seqs.shape[1])
   ms = mask[:n].reshape(-1, batch, mask.shape[1])
