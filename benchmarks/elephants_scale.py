@@ -43,6 +43,28 @@ FULL = [
 QUICK = [("sig", 2, 32, 4, 2), ("fisher", 2, 32, 4, 2), ("fisher", 2, 32, 4, 4)]
 
 
+NOTES = """\
+Reading it (2 shared cores; the 1-minute load average was 4.7-8.8 during these runs,
+recorded per row in the jsonl, so times are inflated about 3x and noisy: the 114M Fisher at
+L 64 ran slower than at L 128 only because of load):
+
+* A 114M-parameter model's importance runs on a laptop-class CPU: SIG ~2 s and Fisher ~5-10 s
+  per 128-byte sequence, peak process memory 1.7 GB (SIG) and 1.8-2.8 GB (Fisher; 3.5 GB at
+  L 256), of which
+  ~0.9 GB is Python, JAX and the float32 params (456 MB).
+* Model size (L 128, chunk 4): time and XLA temporaries grow linearly with parameters
+  (SIG temp 55/109/217 MiB, Fisher temp 244/439/830 MiB for 29/57/114M).
+* Sequence length: SIG's temporaries do not grow with L (it keeps per-connection sums, not
+  activations); Fisher's grow with L (494/830/1931 MiB at 64/128/256), faster than linearly
+  at 256 where the L^2 attention scores of a chunk add up.
+* chunk_size bounds the memory: Fisher temporaries 341/830/1279 MiB for chunk 1/4/8 at the
+  same 8 sequences, with similar run time (the engine's per-chunk cost is batched work).
+* The fallback (per-example vmap) path covers only the embedding, LayerNorm scales and
+  biases; every dense kernel takes the factored path (``engine_report``), which is why
+  Fisher costs only a few forward/backward passes more than SIG.
+"""
+
+
 def rss_bytes() -> int:
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -112,6 +134,30 @@ def markdown(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
+def growth(rows) -> str:
+  """How time and XLA temporaries grow with model size, sequence length and chunk size."""
+  def pick(est, layers, seq, chunk):
+    for r in rows:
+      if (r["estimator"], r["layers"], r["seq_len"], r["chunk_size"]) == (est, layers, seq, chunk):
+        return r
+  out = ["| estimator | varied | values | run s | XLA temp MiB | peak RSS MiB |", "|---|---|---|---|---|---|"]
+  for est in ("sig", "fisher"):
+    for varied, keys in (("params (layers 4/8/16, L 128)", [(est, l, 128, 4) for l in (4, 8, 16)]),
+                         ("seq len 64/128/256 (114M)", [(est, 16, s, 4) for s in (64, 128, 256)]),
+                         ("chunk 1/4/8 (114M, L 128)", [(est, 16, 128, c) for c in (1, 4, 8)])):
+      rs = [pick(*k) for k in keys]
+      if sum(r is not None for r in rs) < 2:
+        continue
+      fmt = lambda f: " / ".join("-" if r is None else f(r) for r in rs)
+      vals = fmt(lambda r: f"{r['params'] / 1e6:.0f}M" if "params" in varied else
+                 (str(r["seq_len"]) if "seq" in varied else str(r["chunk_size"])))
+      run_s = fmt(lambda r: f"{r['run_s']:.1f}")
+      temp = fmt(lambda r: f"{r['xla_temp_mib']:.0f}")
+      peak = fmt(lambda r: f"{r['peak_rss_mib']:.0f}")
+      out.append(f"| {est} | {varied} | {vals} | {run_s} | {temp} | {peak} |")
+  return "\n".join(out) + "\n"
+
+
 def main(quick: bool = False):
   configs, d_model = (QUICK, 64) if quick else (FULL, 768)
   path = OUT + ("-quick" if quick else "") + ".jsonl"
@@ -143,7 +189,7 @@ def main(quick: bool = False):
               "Run time excludes compilation (given apart). XLA temp = the compiled program's "
               "temporary buffers; RSS params = process memory after building the params; peak "
               "RSS = the process's maximum (params, importance output, XLA buffers, Python).\n\n"
-              + md)
+              + md + "\n## Growth\n\n" + growth(rows) + "\n" + NOTES)
   print(md)
   return rows
 
