@@ -1,7 +1,7 @@
 """Scale check: Fisher and SIG importance for a >100M-parameter transformer LM on this CPU.
 
     python benchmarks/elephants_scale.py           # writes benchmarks/results/elephants_scale.{jsonl,md}
-    python benchmarks/elephants_scale.py --quick   # tiny sizes, prints only
+    python benchmarks/elephants_scale.py --quick   # tiny sizes, prints only (rows in $TMPDIR)
     (also: python -m experiments.elephants scale [--quick])
 
 Each configuration runs in its own subprocess so its peak resident memory
@@ -25,6 +25,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,7 +161,8 @@ def growth(rows) -> str:
 
 def main(quick: bool = False):
   configs, d_model = (QUICK, 64) if quick else (FULL, 768)
-  path = OUT + ("-quick" if quick else "") + ".jsonl"
+  # quick runs check the pipeline: their rows go to a temp file, not the committed results
+  path = (os.path.join(tempfile.gettempdir(), "elephants_scale-quick.jsonl") if quick else OUT + ".jsonl")
   rows = []
   if os.path.exists(path):
     rows = [json.loads(l) for l in open(path) if l.strip()]
