@@ -4,8 +4,9 @@ With parameters sharded FSDP-style (each leaf split over a mesh axis), every
 params-shaped tree in the optimizer state (Adam's moments, WVA's importance,
 EWC's anchor and importance) should be split the same way, or each device
 holds a full copy of what FSDP saved. ``jax.jit(tx.init)(params)`` does not
-guarantee that: a tree built with ``jnp.zeros(shape)`` (the default
-importance) depends on no sharded input, so XLA may leave it replicated. Pass
+guarantee that: measured on 8 CPU devices, it puts every zero-initialised
+leaf on one device, and even an eager ``tx.init`` leaves the default
+importance (``jnp.zeros(shape)``, no sharded input) on one device. Pass
 :func:`state_shardings` as ``out_shardings`` (or ``jax.device_put`` the
 state) to pin each state leaf to its parameter's sharding.
 
