@@ -12,7 +12,7 @@ imported; :func:`run_in_subprocess` does that). It prints one JSON object:
   vs the same steps on one device: max abs difference of the params;
 * each state leaf's ``PartitionSpec`` next to its parameter's, after
   ``init``, ``set_importance``/``set_anchor`` and the steps; and what a naive
-  ``jax.jit(tx.init)`` does to the importance (replicates it).
+  ``jax.jit(tx.init)`` does to the importance (leaves it unsharded).
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def check() -> dict:
         "state_after_set": cons_specs(after_set),
         "state_after_steps": cons_specs(s2),
         "momentum_specs_match": [a == str(b) for a, b in zip(moment_specs, param_specs)],
-        "naive_init_importance_replicated": sum(
+        "naive_init_importance_unsharded": sum(
             1 for f_, s, ps in cons_specs(naive) if f_ == "importance" and "fsdp" in ps and "fsdp" not in s),
         "importance_dtype": str(jax.tree_util.tree_leaves(split_state(s2)[1][0].importance)[0].dtype),
     }
