@@ -45,7 +45,8 @@ def check_storage_dtype(dtype):
 def init_importance(importance, params, dtype=jnp.float32, name: str = "importance"):
   """Validated importance for a state, stored in ``dtype``; ``None`` means zeros."""
   if importance is None:
-    return jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+    # zeros_like keeps each parameter's sharding (jnp.zeros would put it on one device).
+    return jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
   check_like_params(importance, params, name)
   return jax.tree_util.tree_map(lambda i: jnp.asarray(i, dtype), importance)
 

@@ -68,7 +68,7 @@ def path_integral(inner: optax.GradientTransformation
   def init_fn(params):
     return PathIntegralState(
         inner_state=inner.init(params),
-        omega=jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+        omega=jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params),
         start=params)
 
   def update_fn(updates, state, params=None, *, task_grads=None, **extra_args):
