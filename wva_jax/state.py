@@ -93,5 +93,12 @@ def set_importance(opt_state, importance):
 
 
 def set_anchor(opt_state, anchor):
-  """Returns ``opt_state`` with every EWC anchor replaced by ``anchor`` (e.g. the current params)."""
+  """Returns ``opt_state`` with every EWC anchor replaced by ``anchor`` (e.g. the current params).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, wva_jax as wj
+    >>> params = {'w': jnp.ones(2)}
+    >>> tx = optax.chain(wj.add_ewc(None, None, 1.0), optax.sgd(0.1))
+    >>> state = wj.set_anchor(tx.init(params), params)
+  """
   return _replace(opt_state, (EWCState,), "anchor", anchor, check_finite)

@@ -23,7 +23,13 @@ class WVAState(NamedTuple):
 
 
 def attenuation(importance, strength, viscosity: str = "hyperbolic"):
-  r"""The per-parameter factor ``a``: ``1/(1+strength*imp)`` or ``exp(-strength*imp)``."""
+  r"""The per-parameter factor ``a``: ``1/(1+strength*imp)`` or ``exp(-strength*imp)``.
+
+  Example:
+    >>> import jax.numpy as jnp, wva_jax as wj
+    >>> wj.attenuation({'w': jnp.array([0.0, 1.0])}, 3.0)['w'].tolist()
+    [1.0, 0.25]
+  """
   check_choice(viscosity, VISCOSITIES, "viscosity")
   if viscosity == "hyperbolic":
     f = lambda i: 1.0 / (1.0 + strength * i.astype(jnp.float32))

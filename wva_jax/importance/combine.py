@@ -24,6 +24,11 @@ def decay(total, new, gamma: float):
   r"""Online combination ``gamma * total + new`` (online EWC, Schwarz et al. 2018).
 
   ``gamma`` in [0, 1]: 1 is :func:`accumulate`, 0 keeps the newest task only.
+
+  Example:
+    >>> import jax.numpy as jnp, wva_jax as wj
+    >>> wj.importance.decay({'w': jnp.ones(2)}, {'w': jnp.ones(2)}, 0.5)['w'].tolist()
+    [1.5, 1.5]
   """
   check_strength(gamma, "gamma")
   if isinstance(gamma, (int, float)) and gamma > 1:

@@ -106,6 +106,19 @@ def si(opt_state, params, *, damping: float = 0.1):
 
   Returns:
     A float32 pytree shaped like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, wva_jax as wj
+    >>> params = {'w': jnp.array([1.0, 1.0])}
+    >>> opt = wj.importance.path_integral(optax.sgd(1.0))
+    >>> g = {'w': jnp.array([0.5, -0.5])}   # the loss falls along both weights
+    >>> u, state = opt.update(g, opt.init(params), params)
+    >>> wj.importance.si(state, optax.apply_updates(params, u), damping=0.0)['w'].tolist()
+    [1.0, 1.0]
+
+  References:
+    Zenke, Poole, Ganguli, "Continual Learning Through Synaptic
+    Intelligence", ICML 2017 (eq. 5).
   """
   check_strength(damping, "damping")
   states = _find_path_states(opt_state)
@@ -119,7 +132,16 @@ def si(opt_state, params, *, damping: float = 0.1):
 
 
 def restart_path(opt_state, params):
-  """Zeroes the path integral and sets its start to ``params`` (call at a task's start)."""
+  """Zeroes the path integral and sets its start to ``params`` (call at a task's start).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, wva_jax as wj
+    >>> params = {'w': jnp.ones(2)}
+    >>> state = wj.importance.path_integral(optax.sgd(0.1)).init(params)
+    >>> state = wj.importance.restart_path(state, {'w': jnp.zeros(2)})
+    >>> state.start['w'].tolist(), state.omega['w'].tolist()
+    ([0.0, 0.0], [0.0, 0.0])
+  """
   is_pi = lambda x: isinstance(x, PathIntegralState)
   found = []
 
