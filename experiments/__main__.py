@@ -82,7 +82,7 @@ def quickstart(args, exp: Experiment) -> None:
   from experiments import report  # pylint: disable=import-outside-toplevel
   from experiments.study import Study  # pylint: disable=import-outside-toplevel
   out = out_dir(args)
-  print(f"quickstart: {exp.tasks} permuted-MNIST tasks, {exp.steps_per_task} steps per task "
+  print(f"quickstart: {exp.tasks} {exp.stream}-MNIST tasks, {exp.steps_per_task} steps per task "
         f"(the protocol has 2200; reduced so it runs in minutes on a CPU), batch 100, "
         f"seed {exp.report_seeds[0]}; results in {out}/", flush=True)
   t0 = time.perf_counter()
