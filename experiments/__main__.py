@@ -5,7 +5,7 @@ Names: ``quickstart`` (the README's main job), the study's experiments
 ``importance``), ``timing`` (seconds per full-protocol run, 1 and 8 runs
 vmapped) and ``report`` (plots and results/README.md from results/*/runs.jsonl).
 Every run is appended to ``results/<name>/runs.jsonl`` as soon as it finishes;
-running the same command again skips finished runs.
+running the same command again skips finished runs (quickstart: with --resume).
 """
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def parse_args(argv):
   p.add_argument("--batch-runs", type=int, default=8, help="runs vmapped in one program")
   p.add_argument("--out", help="results directory (default results/<name>[-quick])")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--resume", action="store_true",
+                 help="quickstart: keep the runs already in its runs.jsonl (by default it "
+                      "trains afresh, so the main job always trains); the study's "
+                      "experiments always resume")
   return p.parse_args(argv)
 
 
@@ -87,6 +91,8 @@ def quickstart(args, exp: Experiment) -> None:
         f"seed {exp.report_seeds[0]}; results in {out}/", flush=True)
   t0 = time.perf_counter()
   study = Study(exp, out, batch_runs=args.batch_runs, progress=not args.no_progress)
+  if not args.resume and study.store.path.exists():
+    study.store.path.unlink()  # deterministic runs: the same numbers come back
   study.run()
   summary = report.summarize(study.store.records(), exp)
   names = [f"{s['arm']}" + ("" if s["lambda"] == 0 else f" λ={s['lambda']:g}") for s in summary]
