@@ -25,3 +25,16 @@ def test_metrics_keep_leading_run_axes():
   # eye: each task is learned perfectly, then forgotten completely.
   np.testing.assert_allclose(wj.metrics.forgetting(runs), [wj.metrics.forgetting(R), 1.0])
   np.testing.assert_allclose(wj.metrics.backward_transfer(runs)[1], -1.0)
+
+
+def test_unseen_entries_are_ignored_even_if_nan():
+  unseen_nan = np.where(np.tril(np.ones((3, 3))) == 1, R, np.nan)
+  np.testing.assert_allclose(wj.metrics.average_accuracy(unseen_nan), wj.metrics.average_accuracy(R))
+  assert float(wj.metrics.forgetting(unseen_nan)) == pytest.approx(float(wj.metrics.forgetting(R)))
+  assert float(wj.metrics.backward_transfer(unseen_nan)) == pytest.approx(float(wj.metrics.backward_transfer(R)))
+
+
+def test_forgetting_takes_the_best_after_the_task_was_learned():
+  # Before task 1 is trained its accuracy (0.99, by luck) must not count as its best.
+  lucky = np.array([[0.9, 0.99, 0.1], [0.8, 0.7, 0.1], [0.8, 0.6, 0.9]])
+  assert float(wj.metrics.forgetting(lucky)) == pytest.approx(((0.9 - 0.8) + (0.7 - 0.6)) / 2)

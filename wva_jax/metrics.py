@@ -1,7 +1,9 @@
 r"""Continual-learning metrics from an accuracy matrix.
 
 ``R[i, j]`` is the accuracy on task ``j`` after training on tasks ``0..i``
-(shape ``[..., T, T]``; leading axes, e.g. runs, are kept).
+(shape ``[..., T, T]``; leading axes, e.g. runs, are kept). Only the lower
+triangle (``j <= i``, tasks already seen) is read: entries above it may be
+anything, NaN included (tasks not evaluated yet).
 """
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ def average_accuracy(R):
   """
   R = _matrix(R)
   T = R.shape[-1]
-  seen = np.tril(np.ones((T, T)))
-  return (R * seen).sum(-1) / seen.sum(-1)
+  seen = np.tril(np.ones((T, T), bool))
+  return np.where(seen, R, 0.0).sum(-1) / seen.sum(-1)
 
 
 def forgetting(R):
   r"""Average forgetting at the end (Chaudhry et al. 2018).
 
-  .. math:: F = \frac{1}{T-1} \sum_{j < T-1} \big(\max_{i < T-1} R_{ij} - R_{T-1,j}\big)
+  .. math:: F = \frac{1}{T-1} \sum_{j < T-1} \big(\max_{j \le i < T-1} R_{ij} - R_{T-1,j}\big)
 
   Example:
     >>> import wva_jax as wj
@@ -47,7 +49,9 @@ def forgetting(R):
     0.2
   """
   R = _matrix(R, 2)
-  best = np.max(R[..., :-1, :-1], axis=-2)
+  T = R.shape[-1]
+  seen = np.tril(np.ones((T - 1, T - 1), bool))  # i >= j: after task j was learned
+  best = np.max(np.where(seen, R[..., :-1, :-1], -np.inf), axis=-2)
   return np.mean(best - R[..., -1, :-1], axis=-1)
 
 
