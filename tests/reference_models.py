@@ -22,6 +22,15 @@ def mlp(params, x):
   return x
 
 
+def list_mlp(params, x):
+  """The same MLP over a list of layers (the layout Flax-free code often uses)."""
+  for i, layer in enumerate(params):
+    x = x @ layer["w"] + layer["b"]
+    if i < len(params) - 1:
+      x = jax.nn.leaky_relu(x, 0.2)
+  return x
+
+
 def init_cnn(key, classes=3):
   k1, k2, k3 = jax.random.split(key, 3)
   return {"c1": 0.3 * jax.random.normal(k1, (3, 3, 1, 4)),

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference_models as rm
+
 from wva_jax.importance._engine import engine_report, gradient_sums
 from wva_jax.importance._per_example import per_example_sum
 
@@ -67,12 +69,7 @@ def mlp_init(seed, sizes=(7, 6, 5, C)):
           for a, b in zip(sizes[:-1], sizes[1:])]
 
 
-def mlp(params, x):
-  for i, layer in enumerate(params):
-    x = x @ layer["w"] + layer["b"]
-    if i < len(params) - 1:
-      x = jax.nn.leaky_relu(x, 0.2)
-  return x
+mlp = rm.list_mlp
 
 
 class CNN(nn.Module):

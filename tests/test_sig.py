@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference_models as rm
+
 from wva_jax.importance.sig import sig
 
 RNG = np.random.default_rng(0)
@@ -24,12 +26,7 @@ def leaky(x):
   return np.where(x > 0, x, 0.2 * x)
 
 
-def mlp(params, x):
-  for i, layer in enumerate(params):
-    x = x @ layer["w"] + layer["b"]
-    if i < len(params) - 1:
-      x = jax.nn.leaky_relu(x, 0.2)
-  return x
+mlp = rm.list_mlp
 
 
 MLP = [{"w": arr(7, 6), "b": arr(6)}, {"w": arr(6, 4), "b": arr(4)}, {"w": arr(4, 3), "b": arr(3)}]
