@@ -13,6 +13,14 @@ For each model and estimator it times, interleaved in one process (median of
     jitted, over chunks of the same size (loop unrolled): the cost floor.
 and reports both as ratios to ``batched``. Memory: XLA's compiled temporary
 buffer size (``memory_analysis().temp_size_in_bytes``) of each program.
+
+Peers (``benchmarks/peers.py``; each skipped with its reason when its package
+of the optional ``bench`` extra is missing; ``--no-peers`` skips them all): for
+the MLP and the CNN, empirical Fisher and MAS by a PyTorch per-example loop,
+torch.func ``vmap(grad)``, BackPACK, and kfac-jax's diagonal Fisher, on the
+same weights and data. Each is first checked against our engine, then timed
+in the same interleaved loop, as a ratio to our batched JAX gradient and (torch
+peers) to a torch batched gradient over the same chunks.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ import numpy as np
 
 import wva_jax as wj
 from wva_jax.importance._per_example import chunked
+
+import peers as peer_lib  # benchmarks/peers.py (the script's folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -172,7 +182,40 @@ def timed(c, *args):
   return time.perf_counter() - t0
 
 
-def run(quick: bool, reps: int, only=()):
+PEER_ESTS = ("fisher (empirical)", "mas")
+AGREE = 1e-3  # a peer further off than this is reported, not timed
+
+
+def rel_err(a, b):
+  """Largest relative L2 error over the parameter tensors (b: ours)."""
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb) and all(np.shape(u) == np.shape(v) for u, v in zip(la, lb))
+  return max(float(np.linalg.norm(np.asarray(u, np.float64) - np.asarray(v, np.float64))
+                   / np.linalg.norm(np.asarray(v, np.float64))) for u, v in zip(la, lb))
+
+
+def build_peers(model_name, apply_fn, params, x, y, ests, chunk, vchunk, sub):
+  """Peer thunks for this model: (torch batched thunk, {(name, est): (thunk, to_jax, examples)},
+  {(name, est): reason skipped})."""
+  kind = model_name.split()[0]
+  ests = [e for e in ests if e in PEER_ESTS]
+  if kind not in ("mlp", "cnn") or not ests:
+    return None, {}, {}
+  tb, peers, skipped = peer_lib.torch_peers(kind, params, x, y, ests, chunk, vchunk, sub)
+  if "fisher (empirical)" in ests:
+    key = ("kfac-jax diagonal Fisher", "fisher (empirical)")
+    if peer_lib.KFAC:
+      skipped[key] = peer_lib.KFAC
+    else:
+      # one call on all N, as a user would; it never stacks per-example gradients
+      fn, to_jax = peer_lib.kfac_fisher(apply_fn, params, x, y)
+      peers[key] = ((lambda: fn(params, x, y)), to_jax, x.shape[0])
+    if "mas" in ests:  # squared-error curvature gives g^2, not MAS's |g|
+      skipped[("kfac-jax", "mas")] = "no MAS: its curvature blocks give squared gradients, not |g|"
+  return tb, peers, skipped
+
+
+def run(quick: bool, reps: int, only=(), with_peers=True):
   rows = []
   rng = np.random.default_rng(0)
   for model_name, (build, n, n_sub, chunks, vchunk, ests) in MODELS.items():
@@ -194,6 +237,11 @@ def run(quick: bool, reps: int, only=()):
         best = (cs, t)
     chunk = best[0]
     base, base_mem = compile_fn(batched_gradient(apply_fn, chunk), params, x, y)
+    p_sub = min(n, 4 * n_sub)  # examples for the peers whose cost is linear in N
+    tb, peers, skipped = (build_peers(model_name, apply_fn, params, x, y, ests, chunk, vchunk, p_sub)
+                          if with_peers else (None, {}, {}))
+    for (name, est), why in skipped.items():
+      print(f"  skip {name} ({est}): {why}", flush=True)
     for est in ests:
       eng, eng_mem = compile_fn(estimator(est, apply_fn, "factored", chunk), params, x, y)
       vm = vm_mem = None
@@ -203,14 +251,39 @@ def run(quick: bool, reps: int, only=()):
       calls = [("batched", base, (params, x, y)), ("engine", eng, (params, x, y))]
       if vm is not None:
         calls.append(("vmap", vm, (params, xs, ys)))
+      # Peers: the first run is the warm-up and the agreement check.
+      prows, scale = [], {"vmap": n / n_sub}
+      mine = [(k, v) for k, v in peers.items() if k[1] == est]
+      if mine:
+        ours = eng(params, x, y)
+        ours_sub = {}
+        if tb is not None:
+          calls.append(("torch batched", tb, ()))
+      for (name, _), (fn, to_jax, m) in mine:
+        if m != n and m not in ours_sub:
+          ours_sub[m] = eng_on(est, apply_fn, chunk, params, x[:m], y[:m])
+        err = rel_err(to_jax(fn()), ours if m == n else ours_sub[m])
+        ok = err <= AGREE
+        print(f"  {name} ({est}): max rel err {err:.1e} on {m} examples"
+              + ("" if ok else " -- disagrees, not timed"), flush=True)
+        prows.append({"peer": name, "examples": m, "rel_err": err, "timed": ok})
+        if ok:
+          calls.append((name, fn, ()))
+          scale[name] = n / m
       for _, c, a in calls:  # warm-up
         timed(c, *a)
       for _ in range(reps):
         for k, c, a in calls:
-          times[k].append(timed(c, *a))
-      med = {k: statistics.median(v) for k, v in times.items() if v}
-      if "vmap" in med:
-        med["vmap"] *= n / n_sub
+          times.setdefault(k, []).append(timed(c, *a))
+      med = {k: statistics.median(v) * scale.get(k, 1.0) for k, v in times.items() if v}
+      tmed = med.get("torch batched")
+      for pr in prows:
+        sec = med.get(pr["peer"])
+        pr.update(s=sec, x=sec / med["batched"] if sec else None,
+                  x_torch=sec / tmed if sec and tmed and not pr["peer"].startswith("kfac") else None)
+      for (name, e), why in skipped.items():
+        if e == est:
+          prows.append({"peer": name, "skipped": why})
       row = {"model": model_name, "estimator": est, "N": n, "chunk": chunk, "vmap_chunk": vchunk,
              "vmap_timed_on": n_sub, "reps": reps,
              "batched_s": med["batched"], "engine_s": med["engine"],
@@ -218,10 +291,18 @@ def run(quick: bool, reps: int, only=()):
              "engine_x": med["engine"] / med["batched"],
              "vmap_x": med["vmap"] / med["batched"] if "vmap" in med else None,
              "batched_temp_mb": mb(base_mem), "engine_temp_mb": mb(eng_mem),
-             "vmap_temp_mb": mb(vm_mem)}
+             "vmap_temp_mb": mb(vm_mem),
+             "torch_batched_s": tmed, "peers": prows}
       rows.append(row)
       print(fmt_row(row), flush=True)
+      for line in peer_lines(row):
+        print(line, flush=True)
   return rows
+
+
+def eng_on(est, apply_fn, chunk, params, x, y):
+  """Our engine on a subset (the reference for peers timed on that subset)."""
+  return jax.jit(estimator(est, apply_fn, "factored", min(chunk, x.shape[0])))(params, x, y)
 
 
 def mb(b):
@@ -243,6 +324,38 @@ def fmt_row(r):
           f"{fmt(r['engine_temp_mb'], '.1f')} / {fmt(r['vmap_temp_mb'], '.1f')} |")
 
 
+PEER_HEADER = ("| model | estimator | method | examples timed | agreement (max rel err) | time at N (s) "
+               "| / JAX batched | / torch batched |")
+
+
+def ratio(v):
+  return "-" if v is None else (f"{v:.0f}x" if v >= 10 else f"{v:.2f}x")
+
+
+def peer_lines(r):
+  """Peer-table rows for one result row: ours and the torch floor first, for reference."""
+  if not r.get("peers"):
+    return []
+  head = f"| {r['model']} | {r['estimator']} "
+  out = [head + f"| **ours: engine** | {r['N']} | - | {r['engine_s']:.3f} | {ratio(r['engine_x'])} | - |"]
+  if r.get("torch_batched_s"):
+    tb = r["torch_batched_s"]
+    out.append(head + f"| torch batched grad | {r['N']} | - | {tb:.3f} "
+               f"| {ratio(tb / r['batched_s'])} | 1.00x |")
+  for p in r["peers"]:
+    if "skipped" in p:
+      out.append(head + f"| {p['peer']} | - | skipped: {p['skipped']} | - | - | - |")
+    else:
+      out.append(head + f"| {p['peer']} | {p['examples']} | {p['rel_err']:.1e} "
+                 f"| {fmt(p['s'], '.3f')} | {ratio(p['x'])} | {ratio(p['x_torch'])} |")
+  return out
+
+
+def peer_table(rows):
+  lines = [l for r in rows for l in peer_lines(r)]
+  return "\n".join([PEER_HEADER, "|" + "---|" * 8] + lines) if lines else ""
+
+
 def fmt_load(load):
   return "/".join(f"{v:.1f}" for v in load)
 
@@ -252,18 +365,21 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--only", nargs="*", default=(), help="substrings of model names")
+  ap.add_argument("--no-peers", action="store_true", help="skip the torch / kfac-jax peers")
   args = ap.parse_args()
   reps = 2 if args.quick else args.reps
   load_before = os.getloadavg()
-  rows = run(args.quick, reps, args.only)
+  rows = run(args.quick, reps, args.only, not args.no_peers)
   load_after = os.getloadavg()
   table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
-  print("\n" + table)
+  print("\n" + table + "\n\n" + peer_table(rows))
   if args.quick or args.only:
     return
-  env = {"jax": jax.__version__, "backend": jax.default_backend(),
+  env = {"jax": jax.__version__, "backend": jax.default_backend(), "peers": peer_lib.versions(),
          "cpu_count": os.cpu_count(), "platform": platform.platform(),
          "command": "python benchmarks/importance.py",
+         "torch_threads": peer_lib.torch.get_num_threads() if peer_lib.torch else None,
+         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
          # other jobs share the CPU: ratios come from interleaved runs, but are noisy
          "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": load_after}
   out = os.path.join(HERE, "results")
@@ -293,6 +409,29 @@ Notes
 """
 
 
+PEER_NOTES = """
+- The per-example loop (the seed's way) and torch.func are timed on the first
+  `examples timed` examples and scaled linearly to N, like `vmap` above;
+  BackPACK, kfac-jax and both batched gradients run on all N.
+- torch.func `vmap(grad)` uses the same chunk as our `vmap` path; BackPACK
+  and the torch batched gradient the engine's chunk; kfac-jax takes all N in
+  one jitted call (it never stacks per-example gradients).
+- Torch runs 2 threads, like XLA. `benchmarks/peers.py` sets
+  `OMP_WAIT_POLICY=PASSIVE` (unless set): with OpenMP's default spinning,
+  the other jobs on this shared CPU made torch's 2-thread gradient ~20x
+  slower than its 1-thread one (measured); passive waiting leaves ~1.5x.
+- BackPACK: `SumGradSquared` with `CrossEntropyLoss(reduction='sum')` for the
+  Fisher; for MAS `BatchGrad` of `MSELoss(reduction='sum')` against zeros
+  (= ||f||^2), then |.| summed over examples.
+- kfac-jax needs the loss registered inside the model function
+  (`register_softmax_cross_entropy_loss`) and gives the empirical Fisher of
+  the batch-mean loss (sum_b g_b^2 / N^2): multiplied by N here. It cannot
+  give MAS (its blocks hold squared gradients). kfac-jax 0.0.8 predates jax
+  0.10's `Primitive.get_bind_params`; `benchmarks/peers.py` re-points its
+  one evaluator that calls it.
+"""
+
+
 def write_md(path, env, rows, reps):
   table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
   with open(path, "w") as f:
@@ -305,6 +444,18 @@ def write_md(path, env, rows, reps):
             f"after {fmt_load(env['loadavg_1_5_15_after'])}.\n\n")
     f.write(table + "\n")
     f.write(NOTES)
+    ptable = peer_table(rows)
+    if ptable:
+      vers = ", ".join(f"{k} {v}" for k, v in env["peers"].items())
+      f.write("\n## Peers on the same weights and data\n\n"
+              f"{vers}; torch with {env.get('torch_threads')} threads, "
+              f"`OMP_WAIT_POLICY={env.get('omp_wait_policy')}` (see notes). Same interleaved runs as "
+              "above: `/ JAX batched` divides by that row's batched JAX gradient, `/ torch "
+              "batched` by a torch gradient of the summed loss over the same chunks (so "
+              "framework speed differences show). Agreement: largest relative L2 error over "
+              "the parameter tensors against our engine on the same examples.\n\n")
+      f.write(ptable + "\n")
+      f.write(PEER_NOTES)
 
 
 if __name__ == "__main__":
