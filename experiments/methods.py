@@ -96,8 +96,6 @@ def task_importance(method: Method, apply_fn, params, opt_state, inputs, targets
     # On probabilities, as the seed's MAS (softmax outputs).
     return imp.mas(lambda p, x: jax.nn.softmax(apply_fn(p, x)), params, inputs)
   if method.importance == "sig":
-    if not hasattr(imp, "sig"):
-      raise NotImplementedError("wva_jax.importance.sig is not available in this version")
     return imp.sig(apply_fn, params, inputs)
   return imp.si(opt_state, params)
 
