@@ -13,8 +13,9 @@ from collections import defaultdict
 import numpy as np
 
 from experiments import stats
-from experiments.configs import EXPERIMENTS, QUICKSTART, planned_runs
+from experiments.configs import EXPERIMENTS, QUICKSTART
 from experiments.results import ResultStore
+from experiments.study import experiment_records, study_plan
 
 
 def _fmt(m, h, scale=100.0):
@@ -70,7 +71,9 @@ def summarize(records, exp=None):
     grid = defaultdict(list)
     for r in sel:
       grid[r["lambda"]].append(r["final_mean_acc"])
-    out.append({"arm": arm, "lambda": lam, "n": final[2], "final": final, "forgetting": forget,
+    lams = sorted({r["lambda"] for r in sel})
+    edge = len(lams) > 1 and lam in (lams[0], lams[-1])
+    out.append({"arm": arm, "lambda": lam, "edge": edge, "n": final[2], "final": final, "forgetting": forget,
                 "curve": [stats.mean_ci(curves[:, k]) for k in range(T)] if len(rep) else [],
                 "select": {k: stats.mean_ci(v) for k, v in sorted(grid.items())},
                 "commands": sorted({r["command"] for r in rs}),
@@ -199,7 +202,8 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
             "|---|---|---|---|---|---|"]
   for s in summary:
     curve = " ".join(f"{100 * c[0]:.1f}" for c in s["curve"])
-    lines.append(f"| {s['arm']} | {s['lambda']:g} | {s['n']} | {_fmt(*s['final'][:2])} | "
+    lam = f"{s['lambda']:g}" + (" (grid edge)" if s["edge"] else "")
+    lines.append(f"| {s['arm']} | {lam} | {s['n']} | {_fmt(*s['final'][:2])} | "
                  f"{_fmt(*s['forgetting'][:2])} | {curve} |")
   if any(len(s["select"]) > 1 for s in summary):
     lines += ["", "Lambda selection (mean accuracy after the last task on the selection seeds):",
@@ -240,16 +244,36 @@ def timing_section(root: pathlib.Path):
     lines.append(f"| {t['runs']} | {t['method']} | {t['wall_s']:.0f} | "
                  f"{t['wall_s'] / t['runs']:.1f} | {t.get('load_avg_1min', '?')} | "
                  f"`{t['command']}` |")
-  widest = max(timings, key=lambda t: t["runs"])  # the study vmaps this many
-  per_run = widest["wall_s"] / widest["runs"]
-  counts = {name: planned_runs(e) for name, e in EXPERIMENTS.items()}
-  total = sum(counts.values())
-  lines += ["", f"Full study: at most this many runs (10 tasks x 2200 steps; lambda grid x 3 "
-            f"selection seeds, then 10 fresh seeds at the selected lambda), at "
-            f"{per_run:.0f} s per run ({widest['runs']} vmapped) on this 2-core CPU:", "",
-            "| experiment | runs | hours on this machine |", "|---|---|---|"]
-  lines += [f"| {n} | {c} | {c * per_run / 3600:.1f} |" for n, c in counts.items()]
-  lines += [f"| total | {total} | {total * per_run / 3600:.1f} |", ""]
+  return lines
+
+
+def study_cost(root: pathlib.Path):
+  """The plan, runs done (each counted once) and their wall time."""
+  walls = {}
+  for path in sorted(root.glob("*/runs.jsonl")):
+    if path.parent.name in EXPERIMENTS:
+      walls.update({r["run_id"]: r["wall_time_s"] for r in ResultStore(path).records()})
+  if not walls:
+    return []
+  in_plan = {r["run_id"] for e in EXPERIMENTS.values() for r in experiment_records(e, root)}
+  plan = study_plan(EXPERIMENTS.values())
+  total = sum(new for _, new in plan.values())
+  per_run = float(np.median(list(walls.values()))) if walls else math.nan
+  lines = ["## The study's plan and cost", "",
+           "From `experiments/configs.py`: 10 tasks x 2200 steps; a lambda grid x 2 selection "
+           "seeds, then 10 fresh seeds at the selected lambda. Runs are keyed by (config, seed, "
+           "lambda) and shared by the experiments that have the arm in common. Hours at "
+           f"{per_run:.0f} s per run (the median of the runs done, vmapped 8-10 at a time) on "
+           "this 2-core CPU:", "",
+           "| experiment | runs it uses | runs not in an earlier experiment | hours |",
+           "|---|---|---|---|"]
+  lines += [f"| {n} | {used} | {new} | {new * per_run / 3600:.1f} |"
+            for n, (used, new) in plan.items()]
+  lines += [f"| total | | {total} | {total * per_run / 3600:.1f} |", "",
+            f"Runs done: {len(in_plan)} of the {total} planned "
+            f"({len(walls) - len(in_plan)} more from session 1's wider grids are kept in the "
+            f"runs.jsonl files); {sum(walls.values()) / 3600:.1f} hours of wall time in all "
+            "(a batch's wall time split evenly over its runs).", ""]
   return lines
 
 
@@ -260,11 +284,17 @@ def build_report(root="results") -> pathlib.Path:
            "table lists the commands that produced its runs. `-quick` directories hold the "
            "pipeline checks (`--quick`: 3 tasks, 150 steps per task, 3 lambdas, 1 selection "
            "seed, 3 fresh seeds), not study results.", ""]
-  lines += timing_section(root)
-  for path in sorted(root.glob("*/runs.jsonl")):
-    records = ResultStore(path).records()
+  lines += timing_section(root) + study_cost(root)
+  # A study experiment reports every run of its design, wherever it was made
+  # (it may have no runs.jsonl of its own when other experiments made them all).
+  names = sorted({p.parent.name for p in root.glob("*/runs.jsonl")} | set(EXPERIMENTS))
+  for name in names:
+    exp = EXPERIMENTS.get(name)
+    records = (experiment_records(exp, root) if exp is not None
+               else ResultStore(root / name / "runs.jsonl").records())
     if records:
-      lines += experiment_section(path.parent.name, records, path.parent, root)
+      (root / name).mkdir(exist_ok=True)
+      lines += experiment_section(name, records, root / name, root)
   out = root / "README.md"
   out.write_text("\n".join(lines) + "\n", encoding="utf-8")
   return out

