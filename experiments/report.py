@@ -229,6 +229,13 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
   return lines
 
 
+def _timings(root: pathlib.Path) -> list[dict]:
+  path = root / "timing" / "timing.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def timing_section(root: pathlib.Path):
   path = root / "timing" / "timing.jsonl"
   if not path.exists():
@@ -239,12 +246,12 @@ def timing_section(root: pathlib.Path):
            "machine was shared (load average = other processes on its 2 cores).", "",
            "| runs vmapped | method | wall s (batch) | s per run | load avg | command |",
            "|---|---|---|---|---|---|"]
-  timings = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  timings = _timings(root)
   for t in timings:
     lines.append(f"| {t['runs']} | {t['method']} | {t['wall_s']:.0f} | "
                  f"{t['wall_s'] / t['runs']:.1f} | {t.get('load_avg_1min', '?')} | "
                  f"`{t['command']}` |")
-  return lines
+  return lines + [""]
 
 
 def study_cost(root: pathlib.Path):
@@ -253,27 +260,33 @@ def study_cost(root: pathlib.Path):
   for path in sorted(root.glob("*/runs.jsonl")):
     if path.parent.name in EXPERIMENTS:
       walls.update({r["run_id"]: r["wall_time_s"] for r in ResultStore(path).records()})
-  if not walls:
-    return []
   in_plan = {r["run_id"] for e in EXPERIMENTS.values() for r in experiment_records(e, root)}
   plan = study_plan(EXPERIMENTS.values())
   total = sum(new for _, new in plan.values())
-  per_run = float(np.median(list(walls.values()))) if walls else math.nan
+  if walls:
+    per_run = float(np.median(list(walls.values())))
+    basis = "the median of the runs done, vmapped 8-10 at a time"
+  else:
+    timings = _timings(root)
+    if not timings:
+      return []
+    widest = max(timings, key=lambda t: t["runs"])
+    per_run, basis = widest["wall_s"] / widest["runs"], "`python -m experiments timing`"
   lines = ["## The study's plan and cost", "",
            "From `experiments/configs.py`: 10 tasks x 2200 steps; a lambda grid x 2 selection "
            "seeds, then 10 fresh seeds at the selected lambda. Runs are keyed by (config, seed, "
            "lambda) and shared by the experiments that have the arm in common. Hours at "
-           f"{per_run:.0f} s per run (the median of the runs done, vmapped 8-10 at a time) on "
-           "this 2-core CPU:", "",
+           f"{per_run:.0f} s per run ({basis}) on this 2-core CPU:", "",
            "| experiment | runs it uses | runs not in an earlier experiment | hours |",
            "|---|---|---|---|"]
   lines += [f"| {n} | {used} | {new} | {new * per_run / 3600:.1f} |"
             for n, (used, new) in plan.items()]
   lines += [f"| total | | {total} | {total * per_run / 3600:.1f} |", "",
-            f"Runs done: {len(in_plan)} of the {total} planned "
-            f"({len(walls) - len(in_plan)} more from session 1's wider grids are kept in the "
-            f"runs.jsonl files); {sum(walls.values()) / 3600:.1f} hours of wall time in all "
-            "(a batch's wall time split evenly over its runs).", ""]
+            f"Runs done: {len(in_plan)} of the {total} planned, "
+            f"{sum(walls.values()) / 3600:.1f} hours of wall time in all (a batch's wall time "
+            "split evenly over its runs)."
+            + (f" {len(walls) - len(in_plan)} more runs outside the plan are in the runs.jsonl "
+               "files." if len(walls) > len(in_plan) else ""), ""]
   return lines
 
 

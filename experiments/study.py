@@ -33,7 +33,8 @@ def run_config(exp: Experiment, method: Method) -> dict:
   """What a run's result depends on (hashed into its run id)."""
   return {"method": method.to_dict(), "stream": exp.stream, "tasks": exp.tasks,
           "steps_per_task": exp.steps_per_task, "batch_size": 100,
-          "data_seed": exp.data_seed, "model": "mlp-784-300-150-10-leaky0.2"}
+          "data_seed": exp.data_seed, "model": "mlp-784-300-150-10-leaky0.2",
+          "split": "valid=first5k"}
 
 
 def experiment_records(exp: Experiment, root) -> list[dict]:

