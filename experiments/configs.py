@@ -66,6 +66,7 @@ class Experiment:
   select_seeds: Sequence[int] = SELECT_SEEDS
   report_seeds: Sequence[int] = REPORT_SEEDS
   select_at: Sequence[int] | None = None  # task counts to select lambda for; None: last
+  report_grid: bool = False  # fresh seeds at every lambda (accuracy-vs-lambda curves with CIs)
   data_seed: int = 0
 
   def quick(self) -> "Experiment":
@@ -130,7 +131,7 @@ EXPERIMENTS = {e.name: e for e in [
     Experiment(
         "lambda_vs_tasks", "Does the best lambda depend on the number of tasks (2..10)? "
         "WVA-Fisher with SGD (seed exp. 5).",
-        [_arm(SGD), _arm(wva("sgd"))], select_at=tuple(range(2, 11))),
+        [_arm(SGD), _arm(wva("sgd"))], select_at=tuple(range(2, 11)), report_grid=True),
     Experiment(
         "importance", "Fisher vs MAS vs SIG vs SI importance, for WVA and for EWC (SGD; "
         "seed exp. 6).",

@@ -71,7 +71,8 @@ def study_plan(experiments) -> dict[str, tuple[int, int]]:
   """{name: (runs the experiment uses, runs not already used by an earlier one)}.
 
   Counts the selection grid and, per arm, one lambda per ``select_at`` task
-  count at most (fewer when several counts select the same lambda).
+  count at most (fewer when several counts select the same lambda), or every
+  lambda with ``report_grid``.
   """
   planned: set = set()
   out = {}
@@ -82,7 +83,8 @@ def study_plan(experiments) -> dict[str, tuple[int, int]]:
       grid = len(a.lambdas) > 1
       if grid:
         mine |= {(cid, s, lam) for lam in a.lambdas for s in exp.select_seeds}
-      picks = min(len(exp.select_at or [exp.tasks]), len(a.lambdas)) if grid else 1
+      picks = 1 if not grid else (len(a.lambdas) if exp.report_grid
+                                  else min(len(exp.select_at or [exp.tasks]), len(a.lambdas)))
       mine |= {(cid, s, f"pick{i}") for i in range(picks) for s in exp.report_seeds}
     out[exp.name] = (len(mine), len(mine - planned))
     planned |= mine
@@ -171,7 +173,8 @@ class Study:
               for lam in a.lambdas for s in exp.select_seeds]
     self.run_jobs(select, f"{exp.name}: select lambda")
     report = [Job(a, "report", lam, s) for a in exp.arms
-              for lam in sorted(set(self.selected(a).values())) for s in exp.report_seeds]
+              for lam in (a.lambdas if exp.report_grid else sorted(set(self.selected(a).values())))
+              for s in exp.report_seeds]
     self.run_jobs(report, f"{exp.name}: fresh seeds")
 
 

@@ -342,6 +342,21 @@ def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
   assert f"{100 * np.mean(fresh):.2f} ±" in text
 
 
+def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
+  monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
+  exp = dataclasses.replace(_tiny_experiment(), select_at=(2, 3), report_grid=True)
+  s = study.Study(exp, tmp_path / "tiny", progress=False, split=_split(50, 10, 20))
+  s.run()
+  rep = [r for r in s.store.records() if r["arm"] == "WVA" and r["phase"] == "report"]
+  assert sorted({r["lambda"] for r in rep}) == [0.1, 1.0, 10.0] and len(rep) == 9
+  assert study.study_plan([exp])["tiny"] == (6 + 9 + 3, 6 + 9 + 3)
+  rows = report.lambda_by_tasks(s.store.records())
+  assert [(k, lam, best) for _, k, lam, _, _, best in rows] == [(2, 1.0, 1.0), (3, 1.0, 1.0)]
+  assert report.plot_lambda_by_tasks(s.store.records(), tmp_path)[0].stat().st_size > 1000
+
+
 def test_stats():
   assert stats.t975(9) == pytest.approx(2.262, abs=1e-3)
   assert stats.t975(120) == pytest.approx(1.9799, abs=1e-3)
