@@ -126,12 +126,16 @@ def fisher_exact_ref(apply_fn, params, x, mask=None):
   return _mean(acc, _n(x))
 
 
-def mas_ref(apply_fn, params, x):
-  """mean_b |grad ||f(x_b)||^2|."""
-  grad = jax.jit(jax.grad(lambda p, xb: jnp.sum(jnp.square(apply_fn(p, xb)[0]))))
+def mas_ref(apply_fn, params, x, mask=None):
+  """mean_b |grad sum_t m_bt ||f(x_b)_t||^2|."""
+  def sq_norm(p, xb, mb):
+    return jnp.sum(mb[..., None] * jnp.square(apply_fn(p, xb)[0]))
+  grad = jax.jit(jax.grad(sq_norm))
   acc = None
   for b in range(_n(x)):
-    acc = _add(acc, grad(params, _example(x, b)), np.abs)
+    out_shape = jax.eval_shape(apply_fn, params, _example(x, b)).shape[1:-1]
+    mb = jnp.ones(out_shape) if mask is None else jnp.asarray(mask[b], jnp.float32)
+    acc = _add(acc, grad(params, _example(x, b), mb), np.abs)
   return _mean(acc, _n(x))
 
 

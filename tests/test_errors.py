@@ -84,6 +84,8 @@ def test_fisher_input_errors():
     wj.importance.fisher(APPLY, PARAMS, X, jnp.ones((4, 3)))
   with pytest.raises(ValueError, match=r"mask has shape \(4, 2\), expected \(4,\)"):
     wj.importance.fisher(APPLY, PARAMS, X, Y, mask=jnp.ones((4, 2)))
+  with pytest.raises(ValueError, match=r"mask has shape \(4, 2\), expected \(4,\)"):
+    wj.importance.mas(APPLY, PARAMS, X, mask=jnp.ones((4, 2)))
   with pytest.raises(ValueError, match="logits"):
     wj.importance.fisher(lambda p, x: (x @ p["w"]).sum(-1), PARAMS, X, Y)
 

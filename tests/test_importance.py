@@ -95,6 +95,19 @@ def test_mas_matches_loop(name):
   rm.assert_tree_close(wj.importance.mas(fn, params, x, chunk_size=3), rm.mas_ref(fn, params, x))
 
 
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_mas_sequence_with_padding_mask(engine):
+  params = rm.init_seq(KEY)
+  x = jax.random.normal(jax.random.key(2), (5, 4, 4))
+  mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+  got = wj.importance.mas(rm.seq, params, x, mask=mask, chunk_size=2, engine=engine)
+  rm.assert_tree_close(got, rm.mas_ref(rm.seq, params, x, mask))
+  # The seq model is causal: garbage inputs at padded positions change nothing.
+  x_garbage = jnp.where(mask[..., None] == 1, x, 100.0)
+  rm.assert_tree_close(wj.importance.mas(rm.seq, params, x_garbage, mask=mask, engine=engine),
+                       got)
+
+
 def test_mas_takes_abs_per_example_not_of_the_batch_gradient():
   params = {"w": jnp.array([[1.0]])}
   x = jnp.array([[1.0], [-1.0]])

@@ -11,7 +11,7 @@ from wva_jax.importance._per_example import num_examples
 
 
 def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
-        engine: str = "auto"):
+        mask=None, engine: str = "auto"):
   r"""MAS importance: mean over examples of the absolute per-example gradient
   of the squared L2 norm of the output.
 
@@ -21,7 +21,9 @@ def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
   The absolute value is taken per example, as in the MAS paper (the seed's
   code took it of the batch gradient, which lets examples cancel). To measure
   the norm of probabilities rather than logits, pass
-  ``lambda p, x: jax.nn.softmax(apply_fn(p, x))``.
+  ``lambda p, x: jax.nn.softmax(apply_fn(p, x))``. For sequences the norm is
+  summed over positions, ``sum_t m_bt ||f_theta(x_b)_t||^2``, with ``mask``
+  dropping padding.
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> outputs [B, ...]``; ``outputs[b]``
@@ -29,6 +31,8 @@ def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
     params: a pytree of arrays.
     inputs: a pytree of arrays with a leading example axis (no labels needed).
     chunk_size: examples per vectorised chunk (default: up to 64).
+    mask: optional ``[B, ...]`` weights of the output positions (the output's
+      shape without its last, feature axis), 1 for real positions, 0 for padding.
     engine: ``'auto'`` or ``'vmap'`` (the reference path).
 
   Returns:
@@ -46,10 +50,22 @@ def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
     ECCV 2018.
   """
   n = num_examples(inputs)
+  extras = None
+  if mask is not None:
+    out = jax.eval_shape(apply_fn, params, jax.tree_util.tree_map(lambda a: a[:1], inputs))
+    mask = jnp.asarray(mask)
+    expected = (n,) + tuple(out.shape[1:-1])
+    if len(out.shape) < 2 or mask.shape != expected:
+      raise ValueError(f"mask has shape {mask.shape}, expected {expected} (examples and "
+                       f"positions of the outputs, whose shape is {out.shape[1:]} per example)")
+    extras = {"mask": mask.astype(jnp.float32)}
 
   def cot_fn(outputs, extras):
-    return (2.0 * outputs.astype(jnp.float32))[None]
+    cot = 2.0 * outputs.astype(jnp.float32)
+    if extras is not None:
+      cot = cot * extras["mask"][..., None]  # d/df of sum_t m_t ||f_t||^2, m_t in {0, 1}
+    return cot[None]
 
-  sums = gradient_sums(apply_fn, params, inputs, cot_fn, None, reduce="abs",
+  sums = gradient_sums(apply_fn, params, inputs, cot_fn, extras, reduce="abs",
                        chunk_size=chunk_size, engine=engine)
   return jax.tree_util.tree_map(lambda s: s / n, sums)
