@@ -1,11 +1,15 @@
 """The elephants scenario's parts: real text data, a causal LM, masked per-sequence Fisher, memory multiples."""
+import dataclasses
+import json
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import wva_jax as wj
-from experiments.elephants import data, memory, model as lm, report, train
+from experiments.elephants import data, memory, model as lm, report, scenario, train
 
 TINY = lm.Config(d_model=16, heads=2, layers=1, seq_len=8)
 
@@ -113,3 +117,122 @@ def test_finetune_run_compiles_once_and_wva_zero_is_adam():
 def test_pareto_front():
   pts = [(1.0, 5.0), (2.0, 4.0), (2.5, 4.5), (3.0, 1.0), (3.0, 1.0)]
   assert report.pareto(pts) == [0, 1, 3, 4]
+
+
+# --- seeds: the resume key and the multi-seed report -------------------------------------------
+
+SMALL = dataclasses.replace(scenario.QUICK, arms=(("plain", None, "float32", (0.0,)),
+                                                  ("wva", "fisher", "float32", (1.0, 10.0))))
+
+
+def _fake_pipeline(monkeypatch, calls):
+  """Replace pretraining, importance and fine-tuning by instant fakes; record what runs."""
+  dom = types.SimpleNamespace(test=np.zeros((4, 9), np.uint8), test_mask=np.ones((4, 9), np.uint8),
+                              train=np.zeros((8, 9), np.uint8), train_mask=np.ones((8, 9), np.uint8),
+                              source="fake", sha256="0" * 64)
+  params = {"w": jnp.zeros(3)}
+  pre = {"seconds": 0.0, "history": [1.0]}
+
+  def prepare(sc, log=print):
+    calls.append(("prepare", sc.seed))
+    return dom, dom, None, params, pre, f"tag{sc.seed}"
+
+  def make_run(apply_fn, method, sched, dtype=None):
+    def fn(p, imp, strength, key, *data_args):
+      calls.append(("run", method, float(strength), int(jax.random.key_data(key).sum())))
+      return p, np.log(np.full((3, 2), 5.0 + float(strength)))
+    return fn
+
+  monkeypatch.setattr(scenario, "prepare", prepare)
+  monkeypatch.setattr(scenario, "importance", lambda *a, **k: (params, 0.0))
+  monkeypatch.setattr(train, "make_run", make_run)
+
+
+def test_resume_key_includes_the_seed(tmp_path, monkeypatch):
+  calls = []
+  _fake_pipeline(monkeypatch, calls)
+  out = tmp_path / "scenario.jsonl"
+  scenario.run_seeds(SMALL, seeds=[0], log=lambda *_: None, out=out)
+  assert [c[0] for c in calls] == ["prepare", "run", "run", "run"]
+  # seed 0 is done: seed 1 must still run every arm and lambda, and seed 0 nothing
+  calls.clear()
+  scenario.run_seeds(SMALL, seeds=[0, 1], log=lambda *_: None, out=out)
+  assert calls[0] == ("prepare", 1) and sum(c[0] == "run" for c in calls) == 3
+  runs = report.load(out)
+  assert sorted(scenario.run_key(r) for r in runs) == sorted(
+      (s, m, k, "float32", lam) for s in (0, 1) for m, k, lam in
+      [("plain", None, 0.0), ("wva", "fisher", 1.0), ("wva", "fisher", 10.0)])
+  # everything done: resuming runs nothing and does not even pretrain
+  calls.clear()
+  scenario.run_seeds(SMALL, seeds=[0, 1], log=lambda *_: None, out=out)
+  assert calls == []
+  assert len(report.load(out)) == 6
+
+
+def test_fine_tuning_key_is_seed_plus_one(tmp_path, monkeypatch):
+  # seed 0's committed runs used jax.random.key(1): the resumed study must keep that
+  calls = []
+  _fake_pipeline(monkeypatch, calls)
+  scenario.run_seeds(SMALL, seeds=[0, 2], log=lambda *_: None, out=tmp_path / "s.jsonl")
+  keys = {s: int(jax.random.key_data(jax.random.key(s + 1)).sum()) for s in (0, 2)}
+  assert [c[3] for c in calls if c[0] == "run"] == [keys[0]] * 3 + [keys[2]] * 3
+  assert [r["config"]["seed"] for r in report.load(tmp_path / "s.jsonl")] == [0] * 3 + [2] * 3
+
+
+def test_committed_runs_are_unique_by_seed_and_arm():
+  path = scenario.RESULTS / "scenario.jsonl"
+  if not path.exists():
+    pytest.skip("no committed results")
+  keys = [scenario.run_key(r) for r in report.load(path)]
+  assert len(keys) == len(set(keys))
+  assert not scenario.todo(scenario.Scenario(seed=0), set(keys))   # seed 0's grid is complete
+
+
+def _synthetic_runs(shifts):
+  """Two methods crossing the matched-learning target, plus plain; ``shifts[seed]`` moves method y."""
+  runs = []
+  for seed, shift in enumerate(shifts):
+    def rec(method, kind, lam, b, a):
+      return {"method": method, "importance": kind, "dtype": "float32", "strength": lam,
+              "steps": [0, 10], "ppl_a": [4.0, a], "ppl_b": [10.0, b],
+              "seconds": 1.0, "config": {"seed": seed}}
+    runs.append(rec("plain", None, 0.0, 6.0, 7.0))               # target B = 6.6
+    runs += [rec("wva", "fisher", 1.0, 6.2, 6.0), rec("wva", "fisher", 10.0, 7.0, 5.0)]   # A 5.5
+    runs += [rec("ewc", "fisher", 1.0, 6.2, 6.0 + shift), rec("ewc", "fisher", 10.0, 7.0, 5.0 + shift)]
+  return runs
+
+
+def test_matched_learning_per_seed_mean_ci_and_orderings():
+  runs = _synthetic_runs([0.2, 0.4, -0.1])
+  vals = report.matched_by_seed(runs)
+  assert vals["WVA-Fisher"] == pytest.approx({0: 5.5, 1: 5.5, 2: 5.5})
+  assert vals["EWC-Fisher"] == pytest.approx({0: 5.7, 1: 5.9, 2: 5.4})
+  (o,) = report.orderings(runs)
+  assert (o["ahead"], o["behind"], o["wins"], o["n"], o["every_seed"]) == ("WVA-Fisher", "EWC-Fisher", 2, 3, False)
+  m, hw, n = report.mean_ci([0.2, 0.4, -0.1])
+  assert o["mean_diff"] == pytest.approx(m) and o["ci"] == pytest.approx(hw) and n == 3
+  assert report.orderings(_synthetic_runs([0.2, 0.4, 0.1]))[0]["every_seed"]
+
+
+def test_multi_seed_report_builds_from_jsonl(tmp_path):
+  path = tmp_path / "scenario.jsonl"
+  runs = _synthetic_runs([0.2, 0.4, -0.1])
+  for r in runs:
+    r["config"] = {"seed": r["config"]["seed"], "params": 3, "model": {}, "pretrain_steps": 1,
+                   "importance_examples": 2, "pretrain_final_nll": 1.0, "pretrain_seconds": 1.0,
+                   "schedule": {"steps": 10, "lr": 1e-3, "batch": 4, "eval_size": 4},
+                   "data": {d: {"source": "s", "sha256": "0" * 64, "train": 8} for d in "AB"}}
+  path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+  runs = report.load(path)
+  md = report.markdown(runs)
+  assert "scenario --seeds 0 1 2" in md
+  assert "| WVA-Fisher | 5.500 | 5.500 | 5.500 | 5.500 ± 0.000 | 3 |" in md   # same on every seed
+  m, hw, _ = report.mean_ci([5.7, 5.9, 5.4])
+  assert f"| EWC-Fisher | 5.700 | 5.900 | 5.400 | {m:.3f} ± {hw:.3f} | 3 |" in md
+  assert "| WVA-Fisher | EWC-Fisher | +0.200, +0.400, -0.100 |" in md and "no (2/3)" in md
+  assert sum(line.startswith("| 2 | ") for line in md.splitlines()) == 5   # every run of seed 2 listed
+  report.plots(runs, tmp_path)
+  assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+  # the notebook's records: one seed, no config
+  single = [{k: v for k, v in r.items() if k != "config"} for r in runs if r["config"]["seed"] == 0]
+  assert "| WVA-Fisher | 1 | 6.000 | 6.200 | 1 |" in report.table(single)

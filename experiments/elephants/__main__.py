@@ -1,7 +1,8 @@
 """``python -m experiments.elephants <scenario|memory|scale|report> [--quick]``.
 
-* ``scenario``: pretrain on prose, fine-tune on Python per method and lambda;
-  appends to ``results/scenario[-quick].jsonl`` (resumable).
+* ``scenario [--seeds 0 1 2]``: pretrain on prose, fine-tune on Python per
+  method and lambda, per seed; appends to ``results/scenario[-quick].jsonl``
+  (resumable: runs already there, by seed, are skipped).
 * ``memory``: bytes of params / optimizer / consolidation state per method,
   measured from compiled train steps -> ``results/memory.{json,md}``.
 * ``scale``: importance time and peak memory for transformers up to 100M+
@@ -19,10 +20,12 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("command", choices=["scenario", "memory", "scale", "report"])
   p.add_argument("--quick", action="store_true", help="small, fast version (pipeline check)")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                 help="scenario: independent replicates to run (default: 0); finished ones are skipped")
   args = p.parse_args(argv)
   if args.command == "scenario":
     from experiments.elephants import scenario
-    scenario.run(scenario.QUICK if args.quick else scenario.Scenario())
+    scenario.run_seeds(scenario.QUICK if args.quick else scenario.Scenario(), args.seeds)
   elif args.command == "memory":
     from experiments.elephants import memory
     memory.main(quick=args.quick)

@@ -1,8 +1,13 @@
 """The fine-tuning scenario: pretrain on prose (A), fine-tune on Python (B), per method and lambda.
 
 Every finished run is appended to ``results/scenario[-quick].jsonl``; running
-again skips the runs already there (resumable). The pretrained model and the
-importances are cached (``data.cache_dir()``), keyed by the configuration.
+again skips the runs already there (resumable, keyed by seed, method,
+importance, dtype and lambda). The pretrained model and the importances are
+cached (``data.cache_dir()``), keyed by the configuration and the seed.
+
+A seed is an independent replicate: the model's init, the pretraining batch
+order, the Fisher's sampled continuations and the fine-tuning batch order all
+derive from it (``run_seeds`` runs several).
 """
 from __future__ import annotations
 
@@ -108,26 +113,54 @@ def importance(sc, apply_fn, params, a, kind, tag, log=print):
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in got["leaves"]]), got["seconds"]
 
 
+def run_key(r: dict) -> tuple:
+  """What identifies a finished run in the jsonl: the seed is part of it."""
+  return (r["config"]["seed"], r["method"], r["importance"], r["dtype"], float(r["strength"]))
+
+
+def done_keys(out: pathlib.Path) -> set:
+  """``run_key`` of every run already in ``out`` (empty when there is no file yet)."""
+  if not out.exists():
+    return set()
+  return {run_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+
+
+def todo(sc: Scenario, done: set) -> list:
+  """``(method, kind, dtype, [lambdas])`` still to run for ``sc.seed``, in ``sc.arms`` order."""
+  left = []
+  for method, kind, dtype, grid in sc.arms:
+    lams = [s for s in grid if (sc.seed, method, kind, dtype, float(s)) not in done]
+    if lams:
+      left.append((method, kind, dtype, lams))
+  return left
+
+
+def run_seeds(sc: Scenario = Scenario(), seeds=(0,), log=print, out: pathlib.Path | None = None):
+  """``run`` once per seed, all into the same jsonl; returns its path."""
+  for seed in seeds:
+    log(f"--- seed {seed}")
+    out = run(dataclasses.replace(sc, seed=int(seed)), log, out)
+  return out
+
+
 def run(sc: Scenario = Scenario(), log=print, out: pathlib.Path | None = None):
+  """Every (arm, lambda) of ``sc`` at ``sc.seed`` not yet in ``out``; returns ``out``."""
   out = out or RESULTS / f"{sc.name}.jsonl"
-  done = set()
-  if out.exists():
-    for line in out.read_text().splitlines():
-      r = json.loads(line)
-      done.add((r["method"], r["importance"], r["dtype"], r["strength"]))
+  left = todo(sc, done_keys(out))
+  if not left:   # nothing to do: do not pretrain either
+    log(f"seed {sc.seed}: all runs already in {out.name}")
+    return out
   a, b, apply_fn, params, pre, tag = prepare(sc, log)
   n_eval = sc.sched.eval_size
   eval_a = (jnp.asarray(a.test[:n_eval]), jnp.asarray(a.test_mask[:n_eval]))
   eval_b = (jnp.asarray(b.test[:n_eval]), jnp.asarray(b.test_mask[:n_eval]))
   train_b = (jnp.asarray(b.train), jnp.asarray(b.train_mask))
-  for method, kind, dtype, grid in sc.arms:
-    todo = [s for s in grid if (method, kind, dtype, float(s)) not in done]
-    if not todo:
-      continue
+  for method, kind, dtype, lams in left:
     imp, imp_seconds = (None, 0.0) if kind is None else importance(sc, apply_fn, params, a, kind, tag, log)
     fn = train.make_run(apply_fn, method, sc.sched, None if dtype == "float32" else jnp.dtype(dtype))
-    for s in todo:
+    for s in lams:
       t = time.time()
+      # seed 0's key is seed + 1, as in the first (single-seed) results
       _, curve = fn(params, imp, jnp.float32(s), jax.random.key(sc.seed + 1), train_b, eval_a, eval_b)
       curve = np.asarray(curve)
       rec = {"method": method, "importance": kind, "dtype": dtype, "strength": float(s),
@@ -144,7 +177,7 @@ def run(sc: Scenario = Scenario(), log=print, out: pathlib.Path | None = None):
       out.parent.mkdir(parents=True, exist_ok=True)
       with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
-      log(f"{method:13s} {str(kind):7s} {dtype:8s} lambda={s:<7g} ppl A {rec['ppl_a'][0]:.2f} -> "
+      log(f"seed {sc.seed} {method:13s} {str(kind):7s} {dtype:8s} lambda={s:<7g} ppl A {rec['ppl_a'][0]:.2f} -> "
           f"{rec['ppl_a'][-1]:.2f}, ppl B {rec['ppl_b'][0]:.2f} -> {rec['ppl_b'][-1]:.2f} "
           f"({rec['seconds']:.0f} s)")
   return out
