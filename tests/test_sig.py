@@ -119,6 +119,47 @@ def test_sequence_embedding_positions_summed():
   close(imp["out"], np.abs(np.asarray(params["out"])) * np.abs(np.tanh(y)).sum((0, 1))[:, None] / 6)
 
 
+def test_sequence_mask_drops_padding():
+  params = {"emb": arr(10, 5), "w": arr(5, 4), "b": arr(4), "out": arr(4, 3)}
+
+  def model(p, tok):
+    h = jnp.tanh(p["emb"][tok] @ p["w"] + p["b"])
+    return h @ p["out"]
+
+  tok = jnp.asarray(RNG.integers(0, 10, (6, 7)))
+  m = (RNG.random((6, 7)) < 0.6).astype(np.float64)
+  m[:, 0] = 1
+  imp = sig(model, params, tok, chunk_size=4, mask=jnp.asarray(m))
+  t = np.asarray(tok)
+  e = np.asarray(params["emb"], np.float64)
+  close(imp["emb"], np.abs(e) * np.stack([((t == v) * m).sum() for v in range(10)])[:, None] / 6)
+  a = e[t]
+  close(imp["w"], np.abs(np.asarray(params["w"])) * (np.abs(a) * m[..., None]).sum((0, 1))[:, None]
+        / 6)
+  y = a @ np.asarray(params["w"], np.float64) + np.asarray(params["b"], np.float64)
+  close(imp["b"], (np.abs(y) * m[..., None]).sum((0, 1)) / 6)
+  close(imp["out"], np.abs(np.asarray(params["out"]))
+        * (np.abs(np.tanh(y)) * m[..., None]).sum((0, 1))[:, None] / 6)
+  # An all-ones mask is no mask.
+  full = sig(model, params, tok, chunk_size=4, mask=jnp.ones((6, 7)))
+  for k, v in sig(model, params, tok, chunk_size=4).items():
+    close(full[k], v)
+
+
+def test_sequence_mask_errors():
+  params = {"w": arr(5, 4), "head": arr(4, 3)}
+  pooled = lambda p, x: jnp.tanh(x @ p["w"]).mean(1) @ p["head"]   # [B, T, 5] -> [B, 3]
+  x = jnp.asarray(RNG.normal(size=(6, 7, 5)))
+  with pytest.raises(ValueError, match=r"mask has shape \(6, 8\), expected"):
+    sig(lambda p, x: jnp.tanh(x @ p["w"]) @ p["head"], params, x, mask=jnp.ones((6, 8)))
+  with pytest.raises(ValueError, match="mask has shape"):
+    sig(pooled, params, x, mask=jnp.ones((6, 7)))  # the outputs have no positions
+  per_position_head = lambda p, x: jnp.tanh(x @ p["w"]) @ p["head"] + jnp.tanh(
+      (x @ p["w"]).mean(1, keepdims=True) @ p["head"])
+  with pytest.raises(ValueError, match="parameter 'head' meets a signal of shape \\(1, 4\\)"):
+    sig(per_position_head, params, x, mask=jnp.ones((6, 7)))
+
+
 def test_shared_weight_sums_uses():
   params = {"s": arr(7, 7, scale=0.4)}
   model = lambda p, x: jnp.tanh(x @ p["s"]) @ p["s"]

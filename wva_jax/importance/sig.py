@@ -13,7 +13,7 @@ from wva_jax.importance._per_example import chunked, num_examples, resolve_chunk
 SIG_CHUNK_SIZE = 1024
 
 
-def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None):
+def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, mask=None):
   r"""Signal importance: how much input signal flows through each parameter.
 
   The seed's SIG: a weight ``w_ij`` (input ``i`` -> unit ``j``) matters in
@@ -53,12 +53,18 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None):
     inputs: the batch, leading axis = examples (N >= 1).
     chunk_size: examples per forward pass (memory bound); ``None`` = up to
       1024.
+    mask: optional ``[B, P...]`` weights of the positions of a sequence (1 for
+      real positions, 0 for padding), the leading axes after the example axis
+      of the outputs. Each parameter's signal is weighted position by
+      position, so padding carries none; a parameter whose signal has no such
+      position axes (it acts after pooling, say) is an error.
 
   Returns:
     A float32 pytree shaped like ``params``.
 
   Raises:
-    ValueError: empty ``inputs``, bad ``chunk_size``, or a parameter whose use
+    ValueError: empty ``inputs``, bad ``chunk_size``, a ``mask`` of the wrong
+      shape or one a parameter's signal cannot be weighted by, or a parameter whose use
       the tracer cannot see through (control flow, custom derivatives, a
       nonlinear primitive...): the message names the parameter and primitive.
 
@@ -96,7 +102,14 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None):
                      f"used by primitive {reasons[0]!r}; sig follows dot_general, conv, mul, "
                      "gather, add and sub (through jit, remat and layout ops)")
   sites = plan.sites(floats)
-  (x_chunks,), valid = chunked((inputs,), n, chunk)
+  if mask is not None:
+    mask = jnp.asarray(mask, jnp.float32)
+    out = jax.eval_shape(apply_fn, params, example)
+    if mask.ndim < 2 or mask.shape[0] != n or out.shape[1:mask.ndim] != mask.shape[1:]:
+      raise ValueError(f"mask has shape {mask.shape}, expected ({n}, P...) with P the "
+                       f"leading positions of the outputs, whose shape is {out.shape[1:]} "
+                       "per example")
+  (x_chunks, m_chunks), valid = chunked((inputs, mask), n, chunk)
 
   def signal(use, invals, out):
     if use.additive:
@@ -104,19 +117,32 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None):
     (other,) = [a for k, a in enumerate(invals) if k != use.operand]
     return other if use.prim == "gather" else jnp.abs(_jaxpr.as_f32(other))
 
-  def one_example(x_leaves):
-    caps = {}
+  def position_weights(m, shape, use):
+    """``m`` [P...] shaped to broadcast against a per-example signal ``shape`` (1, P..., rest)."""
+    if tuple(shape[1:1 + m.ndim]) != m.shape:
+      raise ValueError(f"sig with a mask: parameter {names[use.leaf]!r} meets a signal of "
+                       f"shape {tuple(shape[1:])} per example, which does not start with the "
+                       f"mask's positions {m.shape}")
+    return m.reshape((1,) + m.shape + (1,) * (len(shape) - 1 - m.ndim))
+
+  def one_example(x_leaves, m):
+    caps, weights = {}, {}
 
     def hook(use, invals, out):
-      caps[use.site] = signal(use, invals, out)
+      c = signal(use, invals, out)
+      if m is not None and use.prim == "gather":  # indices: weight the rows they pick
+        weights[use.site] = position_weights(m, out.shape, use)
+      elif m is not None:
+        c = c * position_weights(m, c.shape, use)
+      caps[use.site] = c
       return out
 
     _jaxpr.evaluate(plan, leaves, [a[None] for a in x_leaves], hook, sites)
-    return caps
+    return caps, weights
 
   def body(chunk_data):
-    x, v = chunk_data
-    caps = jax.vmap(one_example)(jax.tree_util.tree_leaves(x))
+    x, m, v = chunk_data
+    caps, weights = jax.vmap(one_example)(jax.tree_util.tree_leaves(x), m)
     acc = {}
     for u in sites:
       c = caps[u.site]
@@ -126,6 +152,8 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None):
         out_shape = u.eqn.outvars[0].aval.shape
         ones = jnp.broadcast_to(v.reshape((-1,) + (1,) * len(out_shape)),
                                 (c.shape[0],) + out_shape)
+        if u.site in weights:
+          ones = ones * weights[u.site]
         gather = lambda w: jax.vmap(lambda i: _jaxpr.bind_f32(u, [w, i]))(c)
         (acc[u.site],) = jax.vjp(gather, w0)[1](ones.astype(jnp.float32))
       else:  # op is linear in the signal too: sum |signal| over examples first
@@ -136,7 +164,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None):
                             (u.eqn.outvars[0] if u.additive else
                              u.eqn.invars[1 - u.operand]).aval.shape, jnp.float32)
           for u in sites}
-  sums = scan_chunks(body, init, (x_chunks, valid))
+  sums = scan_chunks(body, init, (x_chunks, m_chunks, valid))
 
   imp = [jnp.zeros(jnp.shape(l), jnp.float32) for l in leaves]
   for u in sites:
