@@ -99,7 +99,8 @@ def test_cnn_matches_patch_loop():
   close(imp["d"], np.abs(np.asarray(params["d"])) * np.abs(h).mean(0)[:, None])
 
 
-def test_sequence_embedding_positions_summed():
+@pytest.mark.parametrize("masked", [False, True])
+def test_sequence_embedding_positions_summed(masked):
   params = {"emb": arr(10, 5), "w": arr(5, 4), "b": arr(4), "out": arr(4, 3)}
 
   def model(p, tok):
@@ -107,43 +108,23 @@ def test_sequence_embedding_positions_summed():
     return h @ p["out"]
 
   tok = jnp.asarray(RNG.integers(0, 10, (6, 7)))
-  imp = sig(model, params, tok, chunk_size=4)
+  m = (RNG.random((6, 7)) < 0.6).astype(np.float64) if masked else np.ones((6, 7))
+  m[:, 0] = 1
+  imp = sig(model, params, tok, chunk_size=4, mask=jnp.asarray(m) if masked else None)
   t = np.asarray(tok)
   e = np.asarray(params["emb"], np.float64)
-  counts = np.stack([(t == v).sum() for v in range(10)]) / 6
+  counts = np.stack([((t == v) * m).sum() for v in range(10)]) / 6
   close(imp["emb"], np.abs(e) * counts[:, None])
   a = e[t]  # [B, T, 5]
-  close(imp["w"], np.abs(np.asarray(params["w"])) * np.abs(a).sum((0, 1))[:, None] / 6)
+  msum = lambda v: (np.abs(v) * m[..., None]).sum((0, 1)) / 6  # padding carries no signal
+  close(imp["w"], np.abs(np.asarray(params["w"])) * msum(a)[:, None])
   y = a @ np.asarray(params["w"], np.float64) + np.asarray(params["b"], np.float64)
-  close(imp["b"], np.abs(y).sum((0, 1)) / 6)
-  close(imp["out"], np.abs(np.asarray(params["out"])) * np.abs(np.tanh(y)).sum((0, 1))[:, None] / 6)
-
-
-def test_sequence_mask_drops_padding():
-  params = {"emb": arr(10, 5), "w": arr(5, 4), "b": arr(4), "out": arr(4, 3)}
-
-  def model(p, tok):
-    h = jnp.tanh(p["emb"][tok] @ p["w"] + p["b"])
-    return h @ p["out"]
-
-  tok = jnp.asarray(RNG.integers(0, 10, (6, 7)))
-  m = (RNG.random((6, 7)) < 0.6).astype(np.float64)
-  m[:, 0] = 1
-  imp = sig(model, params, tok, chunk_size=4, mask=jnp.asarray(m))
-  t = np.asarray(tok)
-  e = np.asarray(params["emb"], np.float64)
-  close(imp["emb"], np.abs(e) * np.stack([((t == v) * m).sum() for v in range(10)])[:, None] / 6)
-  a = e[t]
-  close(imp["w"], np.abs(np.asarray(params["w"])) * (np.abs(a) * m[..., None]).sum((0, 1))[:, None]
-        / 6)
-  y = a @ np.asarray(params["w"], np.float64) + np.asarray(params["b"], np.float64)
-  close(imp["b"], (np.abs(y) * m[..., None]).sum((0, 1)) / 6)
-  close(imp["out"], np.abs(np.asarray(params["out"]))
-        * (np.abs(np.tanh(y)) * m[..., None]).sum((0, 1))[:, None] / 6)
-  # An all-ones mask is no mask.
-  full = sig(model, params, tok, chunk_size=4, mask=jnp.ones((6, 7)))
-  for k, v in sig(model, params, tok, chunk_size=4).items():
-    close(full[k], v)
+  close(imp["b"], msum(y))
+  close(imp["out"], np.abs(np.asarray(params["out"])) * msum(np.tanh(y))[:, None])
+  if masked:  # an all-ones mask is no mask
+    full = sig(model, params, tok, chunk_size=4, mask=jnp.ones((6, 7)))
+    for k, v in sig(model, params, tok, chunk_size=4).items():
+      close(full[k], v)
 
 
 def test_sequence_mask_errors():
