@@ -25,10 +25,12 @@ from experiments.runner import STEPS_PER_TASK
 
 # Session 1's grids were 9 lambdas x 3 selection seeds per arm: 1,065 runs,
 # 17-41 hours on this 2-core CPU at 50-137 s per full-protocol run. Trimmed
-# (session 2) to 5 lambdas x 2 selection seeds, keeping the fresh seeds at 10:
-# the 51 full runs of session 1 showed a seed-to-seed spread of 0.3-1.5 points
-# at a fixed lambda against 2-12 points between neighbouring lambdas, so two
-# seeds rank a grid whose steps are x3. Each grid is centred on its optimum:
+# (session 2) to 5 lambdas x 2 selection seeds, keeping the fresh seeds at 10.
+# Session 1's 51 full runs (previous split; WVA-Fisher, SGD and Adam, 0.03..300 x 3 seeds;
+# `git show c21ecca:results/methods/runs.jsonl`) spread 0.3-3.1 points between
+# seeds at a fixed lambda, while neighbouring lambdas (x3 apart) differed by
+# 2.2-12.3 points, except SGD's 10 vs 30 (0.7): where two lambdas are that
+# close, either is within the noise of the best, so two seeds suffice to pick.
 # * WVA, hyperbolic: full runs peaked at 10 (SGD) and 30 (Adam) of 0.03..300.
 # * WVA, exponential: exp(-lambda*imp) matches 1/(1+lambda'*imp) at
 #   lambda = ln(1+lambda'*imp)/imp, about 10x below lambda' at imp ~ 5 (the
