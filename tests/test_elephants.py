@@ -106,6 +106,10 @@ def test_finetune_run_compiles_once_and_wva_zero_is_adam():
   _, plain = train.make_run(apply_fn, "plain", sched)(params, None, 0.0, key, *args)
   wva = train.make_run(apply_fn, "wva", sched)
   _, zero = wva(params, imp, jnp.float32(0.0), key, *args)
+  # lambda 0 is plain fine-tuning for every method: the report uses plain as each curve's start
+  for method in ("ewc", "implicit_ewc"):
+    _, z = train.make_run(apply_fn, method, sched)(params, imp, jnp.float32(0.0), key, *args)
+    np.testing.assert_allclose(z, plain, rtol=1e-6, err_msg=method)
   p_frozen, frozen = wva(params, imp, jnp.float32(1e9), key, *args)
   assert plain.shape == (3, 2)
   np.testing.assert_allclose(zero, plain, rtol=1e-6)
@@ -214,6 +218,15 @@ def test_matched_learning_per_seed_mean_ci_and_orderings():
   assert report.orderings(_synthetic_runs([0.2, 0.4, 0.1]))[0]["every_seed"]
 
 
+def test_plain_closes_each_curve_at_lambda_zero():
+  # a grid whose smallest lambda already learns less than the target: plain (lambda 0) brackets it
+  rs = [r for r in _synthetic_runs([0.0]) if r["method"] == "wva"]
+  plain = next(r for r in _synthetic_runs([0.0]) if r["method"] == "plain")   # B 6.0, A 7.0
+  assert report.matched(rs, 6.1) == (None, False)
+  assert report.matched(rs, 6.1, plain) == (pytest.approx(6.5), True)     # halfway to (6.2, 6.0)
+  assert report.matched(rs, 6.6, plain) == (pytest.approx(5.5), False)    # inside the grid: unchanged
+
+
 def test_multi_seed_report_builds_from_jsonl(tmp_path):
   path = tmp_path / "scenario.jsonl"
   runs = _synthetic_runs([0.2, 0.4, -0.1])
@@ -229,7 +242,7 @@ def test_multi_seed_report_builds_from_jsonl(tmp_path):
   assert "| WVA-Fisher | 5.500 | 5.500 | 5.500 | 5.500 ± 0.000 | 3 |" in md   # same on every seed
   m, hw, _ = report.mean_ci([5.7, 5.9, 5.4])
   assert f"| EWC-Fisher | 5.700 | 5.900 | 5.400 | {m:.3f} ± {hw:.3f} | 3 |" in md
-  assert "| WVA-Fisher | EWC-Fisher | +0.200, +0.400, -0.100 |" in md and "no (2/3)" in md
+  assert "| WVA-Fisher | EWC-Fisher | +0.200, +0.400, -0.100 |" in md and "| no (2/3) | no |" in md
   assert sum(line.startswith("| 2 | ") for line in md.splitlines()) == 5   # every run of seed 2 listed
   report.plots(runs, tmp_path)
   assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0

@@ -132,17 +132,29 @@ def every_run(runs) -> str:
   return "\n".join(lines) + "\n"
 
 
-def matched(rs, target_b: float):
-  """ppl A where one arm's (one seed's) lambda curve crosses ppl B = ``target_b``, or None.
+def matched(rs, target_b: float, origin=None) -> tuple:
+  """``(ppl A, via_origin)`` where one arm's (one seed's) lambda curve crosses ppl B = ``target_b``.
 
-  Linear interpolation between the grid points adjacent in ppl B.
+  Linear interpolation between the grid points adjacent in ppl B; ``(None,
+  False)`` when the grid does not bracket the target. ``origin``, plain
+  fine-tuning's run, is every method's lambda = 0 point (the same Adam run:
+  zero strength adds or attenuates nothing), so it closes the curve's
+  low-lambda end; ``via_origin`` says the crossing used it.
   """
-  pts = sorted(final(r) for r in rs)
-  val = None
-  for (b0, a0), (b1, a1) in zip(pts, pts[1:]):
+  got = crossing(rs, target_b, origin)
+  return (None, False) if got is None else (got["ppl_a"], got["via_origin"])
+
+
+def crossing(rs, target_b: float, origin=None) -> dict | None:
+  """The segment of ``matched``: ppl A there, its two ends ``(lambda, ppl B)`` and ``via_origin``."""
+  pts = sorted([(final(r), r["strength"], False) for r in rs]
+               + ([(final(origin), 0.0, True)] if origin is not None else []))
+  out = None
+  for ((b0, a0), l0, o0), ((b1, a1), l1, o1) in zip(pts, pts[1:]):
     if b0 <= target_b <= b1 and b1 > b0:
-      val = a0 + (a1 - a0) * (target_b - b0) / (b1 - b0)
-  return val
+      out = {"ppl_a": a0 + (a1 - a0) * (target_b - b0) / (b1 - b0), "via_origin": o0 or o1,
+             "ends": ((l0, b0), (l1, b1))}
+  return out
 
 
 def targets(runs) -> dict:
@@ -154,30 +166,52 @@ def targets(runs) -> dict:
   return out
 
 
-def matched_by_seed(runs) -> dict:
-  """``{arm: {seed: ppl A at matched learning or None}}``."""
+def matched_by_seed(runs, with_origin: bool = False) -> dict:
+  """``{arm: {seed: ppl A at matched learning or None}}`` (``with_origin``: ``(value, via_origin)``)."""
   tgt = targets(runs)
   out = {}
   for s, rs in by_seed(runs).items():
+    plain = next((r for r in rs if r["method"] == "plain"), None)
     for name, group in by_arm(rs).items():
-      out.setdefault(name, {})[s] = matched(group, tgt[s])
+      got = matched(group, tgt[s], None if name == "plain Adam" else plain)
+      out.setdefault(name, {})[s] = got if with_origin else got[0]
   return out
+
+
+def via_origin_notes(runs) -> list[str]:
+  """For each float32 (seed, arm) whose crossing uses plain as lambda 0: where the target sits on it."""
+  tgt, notes = targets(runs), []
+  for s, rs in by_seed(runs).items():
+    plain = next((r for r in rs if r["method"] == "plain"), None)
+    for name, group in by_arm(rs).items():
+      got = None if name == "plain Adam" or "bf16" in name else crossing(group, tgt[s], plain)
+      if got and got["via_origin"]:
+        (l0, b0), (l1, b1) = got["ends"]
+        notes.append(f"seed {s} {name}, ppl B {b0:.3f} at lambda {l0:g} and {b1:.3f} at lambda {l1:g}, "
+                     f"target {tgt[s]:.3f} ({(tgt[s] - b0) / (b1 - b0):.0%} of the way)")
+  return notes
 
 
 def at_matched_learning(runs) -> str:
   """Per arm: ppl A at matched learning for each seed, and mean ± 95% CI over seeds."""
   seeds = sorted(by_seed(runs))
   tgt = targets(runs)
-  vals = matched_by_seed(runs)
+  vals = matched_by_seed(runs, with_origin=True)
   head = " | ".join(f"seed {s} (B = {tgt[s]:.2f})" for s in seeds)
   out = [f"| method | {head} | mean ± 95% CI | n |", "|---|" + "---|" * (len(seeds) + 2)]
   for name, per in vals.items():
-    if name == "plain Adam":   # one point, no curve to cross: it is the reference below
+    # plain: one point, the reference below; bf16: the float32 runs to ~1e-5 (bf16_gap), on a shorter grid
+    if name == "plain Adam" or "bf16" in name:
       continue
-    got = [per.get(s) for s in seeds]
-    cells = " | ".join("n/a" if v is None else f"{v:.3f}" for v in got)
+    cells = " | ".join("n/a" if per[s][0] is None else f"{per[s][0]:.3f}" + ("*" if per[s][1] else "")
+                       for s in seeds)
+    got = [per[s][0] for s in seeds]
     n = sum(v is not None for v in got)
     out.append(f"| {name} | {cells} | {fmt([v for v in got if v is not None]) if n else 'n/a (out of range)'} | {n} |")
+  notes = via_origin_notes(runs)
+  if notes:
+    out += ["", "\\* the target lies between plain fine-tuning (lambda 0) and the grid's smallest lambda: "
+            + "; ".join(notes) + "."]
   plain = {s: [r for r in rs if r["method"] == "plain"] for s, rs in by_seed(runs).items()}
   if all(plain.values()):
     pa, pb = [plain[s][0]["ppl_a"][-1] for s in seeds], [plain[s][0]["ppl_b"][-1] for s in seeds]
@@ -210,12 +244,13 @@ def orderings(runs) -> list[dict]:
 def orderings_table(runs) -> str:
   """Markdown: each pair, the per-seed differences and whether the ordering held on every seed."""
   lines = ["| ahead (lower ppl A) | behind | ppl A behind - ahead, per seed | mean ± 95% CI | "
-           "held on every seed |", "|---|---|---|---|---|"]
+           "held on every seed | interval excludes 0 |", "|---|---|---|---|---|---|"]
   for o in orderings(runs):
     per = ", ".join(f"{d:+.3f}" for d in o["diffs"])
     ci = f"{o['mean_diff']:.3f}" + ("" if o["n"] < 2 else f" ± {o['ci']:.3f}")
     held = f"**yes** ({o['wins']}/{o['n']})" if o["every_seed"] else f"no ({o['wins']}/{o['n']})"
-    lines.append(f"| {o['ahead']} | {o['behind']} | {per} | {ci} | {held} |")
+    excl = "" if o["n"] < 2 else ("yes" if o["mean_diff"] - o["ci"] > 0 else "no")
+    lines.append(f"| {o['ahead']} | {o['behind']} | {per} | {ci} | {held} | {excl} |")
   if len(lines) == 2:
     return "None: fewer than two methods reach the target on every seed.\n"
   return "\n".join(lines) + "\n"
@@ -340,8 +375,8 @@ def markdown(runs, quick: bool = False, suffix: str = "") -> str:
         "## Final perplexities and Pareto fronts", "", table(runs), "",
         "## Forgetting at matched learning", "",
         f"ppl A where each method's lambda curve reaches ppl B = {MATCH} x plain fine-tuning's, per seed "
-        f"(linear interpolation between grid points; the target is each seed's own), and the mean with a "
-        f"95% Student-t interval over the n seeds:", "", at_matched_learning(runs), "",
+        f"(linear interpolation between grid points, plain fine-tuning being every method's lambda 0; "
+        f"the target is each seed's own), and the mean with a 95% Student-t interval over the n seeds:", "", at_matched_learning(runs), "",
         "Orderings at matched learning (float32 methods with a value on every seed; the difference is "
         "paired by seed, positive when the first method forgets less):", "", orderings_table(runs), ""]
   if gap is not None:
