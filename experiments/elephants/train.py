@@ -156,7 +156,7 @@ def importance_on_a(apply_fn, params, domain, kind: str, *, n: int = 256, chunk_
   ``fisher``: true Fisher, one sampled continuation per position, per
   sequence ``(d/dtheta sum_t m_t log p(y_t | x_<t))^2`` with padding masked;
   ``fisher_emp``: the same with the real next bytes; ``mas``: gradient of
-  the squared norm of the masked logits; ``sig``: forward signal.
+  the squared norm of the logits; ``sig``: forward signal; padding masked in all.
   """
   x, y, m = lm.split_batch(domain.train[:n], domain.train_mask[:n])
   if kind == "fisher":
@@ -165,10 +165,9 @@ def importance_on_a(apply_fn, params, domain, kind: str, *, n: int = 256, chunk_
   elif kind == "fisher_emp":
     imp = wj.importance.fisher(apply_fn, params, x, y, mask=m, chunk_size=chunk_size)
   elif kind == "mas":
-    masked = lambda p, xm: apply_fn(p, xm[0]) * xm[1][..., None]
-    imp = wj.importance.mas(masked, params, (x, m), chunk_size=chunk_size)
+    imp = wj.importance.mas(apply_fn, params, x, mask=m, chunk_size=chunk_size)
   elif kind == "sig":
-    imp = wj.importance.sig(apply_fn, params, x, chunk_size=chunk_size)
+    imp = wj.importance.sig(apply_fn, params, x, mask=m, chunk_size=chunk_size)
   else:
     raise ValueError(f"unknown importance kind {kind!r}")
   return wj.importance.normalize(imp)
