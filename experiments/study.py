@@ -139,6 +139,7 @@ class Study:
     by_arm: dict[str, list[Job]] = {}
     for j in todo:
       by_arm.setdefault(j.arm.name, []).append(j)
+    t_start, finished = time.perf_counter(), 0
     for group in by_arm.values():
       for i in range(0, len(group), self.batch_runs):
         batch = group[i:i + self.batch_runs]
@@ -154,6 +155,12 @@ class Study:
               experiment=self.exp.name, arm=arm.name, phase=j.phase,
               config=run_config(self.exp, arm.method), seed=j.seed, lam=j.lam, R=Rj,
               wall_time_s=wall / len(batch), batch_runs=len(batch), prov=self._prov))
+        finished += len(batch)
+        if not self.progress:  # logs of background runs: one line per batch
+          spent = time.perf_counter() - t_start
+          left = spent / finished * (len(todo) - finished)
+          print(f"{desc}: {finished}/{len(todo)} runs ({arm.name}), {spent / 60:.0f} min, "
+                f"~{left / 60:.0f} min left", flush=True)
     bar.close()
     return len(todo)
 
