@@ -69,6 +69,9 @@ class Experiment:
   report_seeds: Sequence[int] = REPORT_SEEDS
   select_at: Sequence[int] | None = None  # task counts to select lambda for; None: last
   report_grid: bool = False  # fresh seeds at every lambda (accuracy-vs-lambda curves with CIs)
+  # Arm pairs (names) whose difference answers the question: the report gives
+  # it paired over the fresh seeds (same init and batch order in both arms).
+  compare: Sequence[tuple[str, str]] = ()
   data_seed: int = 0
 
   def quick(self) -> "Experiment":
@@ -106,6 +109,11 @@ def _arm(method: Method, grid=None) -> Arm:
   return Arm(method.label(), method, tuple(grid) if method.protected else (0.0,))
 
 
+def _pairs(*pairs) -> tuple:
+  """(method A, method B) pairs -> their arm names."""
+  return tuple((a.label(), b.label()) for a, b in pairs)
+
+
 SGD, ADAM = Method("sgd"), Method("adam")
 # The sampled ("true") Fisher of the seed's TF runs is available as a method but
 # left out of the study's grids to save 40 runs; empirical Fisher is the reference.
@@ -116,29 +124,41 @@ EXPERIMENTS = {e.name: e for e in [
         "methods", "Mean accuracy over 10 permuted-MNIST tasks, per method (seed exp. 1).",
         [_arm(SGD), _arm(ADAM), _arm(wva("sgd")), _arm(wva("adam")),
          _arm(ewc("sgd"), EWC_GRID), _arm(ewc("adam"), EWC_ADAM_GRID),
-         _arm(ewc("sgd", implicit=True), IMPLICIT_GRID)]),
+         _arm(ewc("sgd", implicit=True), IMPLICIT_GRID)],
+        compare=_pairs((wva("sgd"), SGD), (wva("sgd"), ewc("sgd")),
+                       (wva("sgd"), ewc("sgd", implicit=True)),
+                       (ewc("sgd", implicit=True), ewc("sgd")), (wva("adam"), ADAM),
+                       (wva("adam"), ewc("adam")))),
     Experiment(
         "aa_sgd", "WVA on gradients or on increments with SGD (no momentum): an AA test "
         "(the two are the same update; seed exp. 2).",
-        [_arm(wva("sgd", placement="gradients")), _arm(wva("sgd", placement="increments"))]),
+        [_arm(wva("sgd", placement="gradients")), _arm(wva("sgd", placement="increments"))],
+        compare=_pairs((wva("sgd", placement="gradients"), wva("sgd")))),
     Experiment(
         "ab_adam", "SGD vs Adam-increments vs Adam-gradients (seed exp. 3).",
         [_arm(SGD), _arm(ADAM), _arm(wva("sgd")), _arm(wva("adam", placement="increments")),
-         _arm(wva("adam", placement="gradients"))]),
+         _arm(wva("adam", placement="gradients"))],
+        compare=_pairs((wva("adam"), wva("adam", placement="gradients")),
+                       (wva("adam", placement="gradients"), ADAM), (wva("adam"), wva("sgd")))),
     Experiment(
         "viscosity", "Hyperbolic 1/(1+lambda*imp) vs exponential exp(-lambda*imp) WVA, "
         "for SGD and Adam (seed exp. 4).",
         [_arm(wva(o, viscosity=v)) for o in ("sgd", "adam")
-         for v in ("hyperbolic", "exponential")]),
+         for v in ("hyperbolic", "exponential")],
+        compare=_pairs(*[(wva(o), wva(o, viscosity="exponential")) for o in ("sgd", "adam")])),
     Experiment(
         "lambda_vs_tasks", "Does the best lambda depend on the number of tasks (2..10)? "
         "WVA-Fisher with SGD (seed exp. 5).",
-        [_arm(SGD), _arm(wva("sgd"))], select_at=tuple(range(2, 11)), report_grid=True),
+        [_arm(SGD), _arm(wva("sgd"))], select_at=tuple(range(2, 11)), report_grid=True,
+        compare=_pairs((wva("sgd"), SGD))),
     Experiment(
         "importance", "Fisher vs MAS vs SIG vs SI importance, for WVA and for EWC (SGD; "
         "seed exp. 6).",
         [_arm(SGD)] + [_arm(wva("sgd", i)) for i in IMPORTANCES]
-        + [_arm(ewc("sgd", i), EWC_GRID) for i in IMPORTANCES]),
+        + [_arm(ewc("sgd", i), EWC_GRID) for i in IMPORTANCES],
+        compare=_pairs(*[(c("sgd", "fisher_empirical"), c("sgd", i))
+                         for c in (wva, ewc) for i in IMPORTANCES[1:]],
+                       *[(wva("sgd", i), ewc("sgd", i)) for i in IMPORTANCES])),
 ]}
 
 # The README's main job: one seed each, lambdas fixed (chosen in session 1 by

@@ -203,6 +203,28 @@ def lambda_by_tasks(records):
   return rows
 
 
+def paired(summary, records, pairs):
+  """Per (A, B): final mean accuracy A - B over the fresh seeds both have.
+
+  Fresh seeds share init and batch order across arms, so the difference is
+  paired: its interval is the t interval of the per-seed differences.
+  Returns rows (A, B, (mean, half-width, n), seeds where A is ahead).
+  """
+  lam = {s["arm"]: s["lambda"] for s in summary}
+  final = defaultdict(dict)
+  for r in records:
+    if r["phase"] == "report" and r["arm"] in lam and r["lambda"] == lam[r["arm"]]:
+      final[r["arm"]][r["seed"]] = r["final_mean_acc"]
+  rows = []
+  for a, b in pairs:
+    seeds = sorted(set(final[a]) & set(final[b]))
+    if not seeds:
+      continue
+    diffs = [final[a][s] - final[b][s] for s in seeds]
+    rows.append((a, b, stats.mean_ci(diffs), sum(d > 0 for d in diffs)))
+  return rows
+
+
 def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path):
   exp = _experiment(name)
   summary = summarize(records, exp)
@@ -230,6 +252,13 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
       if len(s["select"]) > 1:
         pts = ", ".join(f"{lam:g}: {100 * v[0]:.1f}" for lam, v in s["select"].items())
         lines.append(f"- {s['arm']}: {pts}")
+  rows = paired(summary, records, exp.compare if exp is not None else ())
+  if rows:
+    lines += ["", "Paired differences, A - B, in final mean accuracy (points) over the fresh "
+              "seeds both arms ran (same init and batch order), each arm at its selected λ:", "",
+              "| A | B | A - B (mean ± 95% CI) | n | A ahead on |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {_fmt(*d[:2])} | {d[2]} | {k} of {d[2]} |"
+              for a, b, d, k in rows]
   if name.removesuffix("-quick") == "lambda_vs_tasks":
     rows = lambda_by_tasks(records)
     if rows:

@@ -19,7 +19,7 @@ import pytest
 from experiments import data as D
 from experiments import methods as M
 from experiments import report, results, runner, stats, study, tasks
-from experiments.configs import Arm, Experiment
+from experiments.configs import EXPERIMENTS, Arm, Experiment
 
 
 def _pickle_bytes(seed=0, n_train=40, n_valid=20, n_test=30):
@@ -328,14 +328,22 @@ def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
   monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
-  study.Study(_tiny_experiment(), tmp_path / "tiny", progress=False,
-              split=_split(50, 10, 20)).run()
+  exp = dataclasses.replace(_tiny_experiment(), compare=(("WVA", "SGD"),))
+  monkeypatch.setitem(report.EXPERIMENTS, "tiny", exp)
+  study.Study(exp, tmp_path / "tiny", progress=False, split=_split(50, 10, 20)).run()
   readme = report.build_report(tmp_path)
   text = readme.read_text()
   assert "## tiny" in text and "| WVA | 1 | 3 |" in text
   assert "python -m experiments" in text
   assert (tmp_path / "tiny" / "curves.png").stat().st_size > 1000
   assert (tmp_path / "tiny" / "lambda_selection.png").exists()
+  # The paired table: WVA - SGD per fresh seed (the fake accuracies differ by lambda only).
+  recs = study.experiment_records(exp, tmp_path)
+  rows = report.paired(report.summarize(recs, exp), recs, exp.compare)
+  fin = {(r["arm"], r["seed"]): r["final_mean_acc"] for r in recs if r["phase"] == "report"}
+  diffs = [fin[("WVA", s)] - fin[("SGD", s)] for s in (7, 8, 9)]
+  assert rows == [("WVA", "SGD", stats.mean_ci(diffs), sum(d > 0 for d in diffs))]
+  assert "| WVA | SGD | " in text
   # The reported number is the mean over the fresh seeds at the selected lambda.
   recs = [json.loads(l) for l in (tmp_path / "tiny" / "runs.jsonl").read_text().splitlines()]
   fresh = [r["final_mean_acc"] for r in recs if r["arm"] == "WVA" and r["phase"] == "report"]
@@ -355,6 +363,12 @@ def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):
   rows = report.lambda_by_tasks(s.store.records())
   assert [(k, lam, best) for _, k, lam, _, _, best in rows] == [(2, 1.0, 1.0), (3, 1.0, 1.0)]
   assert report.plot_lambda_by_tasks(s.store.records(), tmp_path)[0].stat().st_size > 1000
+
+
+def test_configured_comparisons_name_arms_of_their_experiment():
+  for exp in EXPERIMENTS.values():
+    names = {a.name for a in exp.arms}
+    assert all(a in names and b in names and a != b for a, b in exp.compare), exp.name
 
 
 def test_stats():
