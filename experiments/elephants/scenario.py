@@ -109,8 +109,8 @@ def importance(sc, apply_fn, params, a, kind, tag, log=print):
     log(f"importance {kind}: {time.time() - t:.1f} s")
     return {"leaves": leaves, "seconds": time.time() - t}
 
-  # SIG counted padding positions until it took a mask (16% of A's positions;
-  # 8.5% of its mass): its cache name changed with it.
+  # SIG counted padding positions until it took a mask: its cache name changed
+  # with it, so a stale unmasked SIG is never read back.
   name = {"sig": "sig-masked"}.get(kind, kind)
   got = _cached(data.cache_dir() / f"importance-{name}-{sc.importance_examples}-{tag}.pkl", make)
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in got["leaves"]]), got["seconds"]
