@@ -2,6 +2,8 @@
 
     python benchmarks/protocol.py                # writes benchmarks/results/protocol.{json,md}
     python benchmarks/protocol.py --steps 5 --tasks 2 --runs 1 2 --repeat 1 --no-save   # a check
+    python benchmarks/protocol.py --steps 2200 --runs 1 8 --steady-max-runs 1 --repeat 1 \
+        --out-name protocol-full    # the full protocol, about 15 minutes
 
 Both sides do the seed's protocol with WVA-Fisher on SGD (lr 0.2, batch 100,
 leaky ReLU MLP 784-300-150-10): train each task, per-example empirical Fisher on
@@ -190,23 +192,28 @@ def main(argv=None):
   p.add_argument("--append", action="store_true",
                  help="merge into the saved rows (same implementation: replaced)")
   p.add_argument("--no-save", action="store_true")
+  p.add_argument("--out-name", default="protocol",
+                 help="results file stem in benchmarks/results (e.g. protocol-full for 2200 steps)")
   args = p.parse_args(argv)
   if args.repeat < 1:
     p.error(f"--repeat must be >= 1, got {args.repeat}")
   split = D.load_mnist()
   rows = measure(split, args)
   out = ROOT / "benchmarks" / "results"
-  if args.append and (out / "protocol.json").exists():
+  json_path, md_path = out / f"{args.out_name}.json", out / f"{args.out_name}.md"
+  if args.append and json_path.exists():
     new = {r["impl"] for r in rows}
-    old = json.loads((out / "protocol.json").read_text())
+    old = json.loads(json_path.read_text())
     rows = [r for r in old if r["impl"] not in new] + rows
   scale = 2200 / args.steps
   base = next((r["steady"] / r["runs"] for r in rows if r["impl"] == "jax-vmap1" and "steady" in r),
               None)
-  lines = [f"# Seconds per {args.tasks}-task run (WVA-Fisher, SGD)", "",
+  steps = ("2200 steps per task, the full protocol." if args.steps == 2200 else
            f"{args.steps} steps per task ({args.steps}/2200 of the protocol; x{scale:g} "
            f"for the training part of the full protocol; importance and evaluation are the "
-           f"same per task at any step count). {os.cpu_count()} CPUs, "
+           f"same per task at any step count).")
+  lines = [f"# Seconds per {args.tasks}-task run (WVA-Fisher, SGD)", "",
+           f"{steps} {os.cpu_count()} CPUs, "
            f"{platform.processor() or platform.machine()}, load average at the end "
            f"{os.getloadavg()[0]:.1f}.", "",
            f"Medians of {args.repeat} interleaved rounds; the ratio is to jax-vmap1's "
@@ -225,8 +232,8 @@ def main(argv=None):
   print("\n".join(lines))
   if not args.no_save:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "protocol.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "protocol.md").write_text("\n".join(lines) + "\n")
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    md_path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
