@@ -133,8 +133,14 @@ def timing(args) -> None:
 def main(argv=None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.name == "report":
-    from experiments.report import build_report  # pylint: disable=import-outside-toplevel
-    print(f"wrote {build_report(pathlib.Path(args.out or 'results'))}")
+    from experiments import report  # pylint: disable=import-outside-toplevel
+    # The repository's README carries the study's summary between markers;
+    # a report written elsewhere (--out) leaves it alone.
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    readme = (readme if args.out is None and readme.exists()
+              and report.README_BEGIN in readme.read_text(encoding="utf-8") else None)
+    print(f"wrote {report.build_report(pathlib.Path(args.out or 'results'), readme)}"
+          + (f" and the study block of {readme}" if readme else ""))
     return
   if args.name == "timing":
     timing(args)

@@ -24,6 +24,10 @@ def _fmt(m, h, scale=100.0):
   return f"{scale * m:.2f}" if math.isnan(h) else f"{scale * m:.2f} ± {scale * h:.2f}"
 
 
+def _lam(lam):
+  return "n/a" if math.isnan(lam) else f"{lam:g}"
+
+
 def _forgetting(R):
   R = np.asarray([[np.nan if v is None else v for v in row] for row in R], float)
   if R.shape[0] < 2:
@@ -203,6 +207,30 @@ def lambda_by_tasks(records):
   return rows
 
 
+def grid_noise(records, k=None):
+  """Seed noise against lambda steps, from fresh seeds run at every lambda of a grid.
+
+  Per (arm, lambda): the mean accuracy after ``k`` tasks (default last), its
+  standard deviation and range over seeds, and the gap to the next lambda's
+  mean. Selecting lambda on a few seeds is sound where the gaps exceed the
+  spread. Rows (arm, lambda, n, mean, sd, range, gap to the next or nan).
+  """
+  rows = []
+  for arm in _arms(records):
+    rep = [r for r in records if r["arm"] == arm and r["phase"] == "report"]
+    lams = sorted({r["lambda"] for r in rep})
+    if len(lams) < 2:
+      continue
+    acc = {lam: np.array([r["mean_acc"][(k or len(r["mean_acc"])) - 1] for r in rep
+                          if r["lambda"] == lam], float) for lam in lams}
+    for i, lam in enumerate(lams):
+      a = acc[lam]
+      gap = abs(acc[lams[i + 1]].mean() - a.mean()) if i + 1 < len(lams) else math.nan
+      rows.append((arm, lam, len(a), float(a.mean()),
+                   float(a.std(ddof=1)) if len(a) > 1 else math.nan, float(np.ptp(a)), float(gap)))
+  return rows
+
+
 def paired(summary, records, pairs):
   """Per (A, B): final mean accuracy A - B over the fresh seeds both have.
 
@@ -264,8 +292,18 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
     if rows:
       lines += ["", "| arm | tasks k | λ selected at k | acc (selection seeds) | "
                 "acc (fresh seeds) | best λ on the fresh seeds |", "|---|---|---|---|---|---|"]
-      lines += [f"| {a} | {k} | {lam:g} | {100 * m:.2f} | {_fmt(*f[:2])} | {b:g} |"
+      lines += [f"| {a} | {k} | {lam:g} | {100 * m:.2f} | {_fmt(*f[:2])} | {_lam(b)} |"
                 for a, k, lam, m, f, b in rows]
+    noise = grid_noise(records)
+    if noise:
+      lines += ["", "Seed noise against lambda steps, final mean accuracy on the fresh seeds "
+                "(points): selecting lambda on 2 seeds is sound where neighbouring lambdas "
+                "differ by more than the seeds do.", "",
+                "| arm | λ | n | mean | SD over seeds | range over seeds | gap to the next λ |",
+                "|---|---|---|---|---|---|---|"]
+      lines += [f"| {a} | {lam:g} | {n} | {100 * m:.2f} | {100 * sd:.2f} | {100 * rg:.2f} | "
+                f"{'-' if math.isnan(g) else f'{100 * g:.2f}'} |"
+                for a, lam, n, m, sd, rg, g in noise]
   wall = [w for s in summary for w in s["wall"]]
   lines += ["", f"{len(wall)} runs, {sum(wall) / 60:.1f} minutes of wall time in total "
             f"({np.mean(wall):.1f} s per run; runs of a batch share its wall time).", "",
@@ -337,7 +375,83 @@ def study_cost(root: pathlib.Path):
   return lines
 
 
-def build_report(root="results") -> pathlib.Path:
+README_BEGIN = ("<!-- study results: written by `python -m experiments report` from "
+                "results/*/runs.jsonl; edits here are overwritten -->")
+README_END = "<!-- end of study results -->"
+
+
+def headline(root) -> list[str]:
+  """The main README's summary of the study: each arm once, then the paired answers.
+
+  An arm's numbers are the same in every experiment that has it (runs are
+  pooled by config, seed and lambda), so it is listed once, in the order the
+  experiments first name it; a comparison made by several experiments, once.
+  """
+  root = pathlib.Path(root)
+  plan = study_plan(EXPERIMENTS.values())
+  arms, pending, answers, status, by_tasks = {}, [], {}, [], []
+  for name, exp in EXPERIMENTS.items():
+    records = experiment_records(exp, root)
+    status.append((name, len(records), plan[name][0]))
+    if not records:
+      pending += [a.name for a in exp.arms if a.name not in arms and a.name not in pending]
+      continue
+    summary = summarize(records, exp)
+    for s in summary:
+      if s["n"] and s["arm"] not in arms:
+        arms[s["arm"]] = s
+    pending += [a.name for a in exp.arms if a.name not in arms and a.name not in pending]
+    for a, b, d, k in paired(summary, records, exp.compare):
+      answers.setdefault((a, b), (name, d, k))
+    if exp.select_at:
+      by_tasks += [(name, rows) for rows in [lambda_by_tasks(records)] if rows]
+  pending = [a for a in pending if a not in arms]
+  done = [f"{n} ({d} runs)" for n, d, u in status if d >= u]
+  going = [f"{n} ({d} of {u} runs)" for n, d, u in status if d < u]
+  total = sum(new for _, new in plan.values())
+  in_plan = len({r["run_id"] for e in EXPERIMENTS.values() for r in experiment_records(e, root)})
+  lines = [f"Runs done: {in_plan} of the {total} planned. Complete: "
+           f"{', '.join(done) or 'none'}." + (f" In progress: {', '.join(going)}." if going else ""),
+           "", "Final mean accuracy over the 10 tasks and forgetting (the mean drop from each "
+           "task's best accuracy), in %, mean over the fresh seeds ± 95% Student-t interval; "
+           "λ selected on the 2 selection seeds:", "",
+           "| method | λ | n | mean accuracy after 10 tasks | forgetting |", "|---|---|---|---|---|"]
+  for s in arms.values():
+    lam = "-" if s["lambda"] == 0 else f"{s['lambda']:g}" + (" (grid edge)" if s["edge"] else "")
+    lines.append(f"| {s['arm']} | {lam} | {s['n']} | {_fmt(*s['final'][:2])} | "
+                 f"{_fmt(*s['forgetting'][:2])} |")
+  if pending:
+    lines += ["", "Not yet run on the fresh seeds: " + ", ".join(pending) + "."]
+  if answers:
+    lines += ["", "Paired over the fresh seeds both arms ran (same init and batch order), "
+              "final mean accuracy A − B in points:", "",
+              "| experiment | A | B | A − B | A ahead on |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {a} | {b} | {_fmt(*d[:2])} | {k} of {d[2]} |"
+              for (a, b), (name, d, k) in answers.items()]
+  for name, rows in by_tasks:
+    arm = rows[0][0]
+    rows = [r for r in rows if r[0] == arm]
+    lines += ["", f"{name}: the best λ for {arm} after k = {rows[0][1]}..{rows[-1][1]} tasks, "
+              f"selected on the selection seeds: {', '.join(f'{r[2]:g}' for r in rows)}"
+              + ("; best on the fresh seeds: " + ", ".join(_lam(r[5]) for r in rows)
+                 if any(not math.isnan(r[5]) for r in rows) else "") + "."]
+  return lines
+
+
+def update_readme(path, lines) -> bool:
+  """Replaces the text between README_BEGIN and README_END in ``path``; False if absent."""
+  path = pathlib.Path(path)
+  text = path.read_text(encoding="utf-8") if path.exists() else ""
+  start, end = text.find(README_BEGIN), text.find(README_END)
+  if start < 0 or end < start:
+    return False
+  new = text[:start] + "\n".join([README_BEGIN, "", *lines, ""]) + "\n" + text[end:]
+  path.write_text(new, encoding="utf-8")
+  return True
+
+
+def build_report(root="results", readme=None) -> pathlib.Path:
+  """Writes ``root``/README.md and the plots; with ``readme``, also its study block."""
   root = pathlib.Path(root)
   lines = ["# Results", "",
            "Generated by `python -m experiments report` from `results/*/runs.jsonl`; every "
@@ -357,4 +471,7 @@ def build_report(root="results") -> pathlib.Path:
       lines += experiment_section(name, records, root / name, root)
   out = root / "README.md"
   out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  if readme is not None and not update_readme(readme, headline(root)):
+    raise ValueError(f"{readme} has no study block: add the lines {README_BEGIN!r} and "
+                     f"{README_END!r} where the study's results should go")
   return out

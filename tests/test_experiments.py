@@ -5,7 +5,9 @@ import collections
 import dataclasses
 import gzip
 import json
+import math
 import os
+import pathlib
 import pickle
 import sys
 import time
@@ -350,6 +352,36 @@ def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
   assert f"{100 * np.mean(fresh):.2f} ±" in text
 
 
+def test_report_writes_the_readme_study_block(tmp_path, monkeypatch):
+  monkeypatch.setattr(runner, "run_batch", _fake_run_batch([]))
+  monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
+  exp = dataclasses.replace(_tiny_experiment(), compare=(("WVA", "SGD"),))
+  monkeypatch.setattr(report, "EXPERIMENTS", {"tiny": exp})
+  study.Study(exp, tmp_path / "tiny", progress=False, split=_split(50, 10, 20)).run()
+  readme = tmp_path / "main-readme.md"  # tmp_path/README.md is the report itself
+  readme.write_text(f"intro\n{report.README_BEGIN}\nstale 12.34\n{report.README_END}\noutro\n")
+  report.build_report(tmp_path, readme)
+  text = readme.read_text()
+  assert text.startswith("intro\n") and text.endswith(f"{report.README_END}\noutro\n")
+  assert "stale" not in text and "Runs done: 12 of the 12 planned. Complete: tiny (12 runs)." in text
+  fresh = [r["final_mean_acc"] for r in study.experiment_records(exp, tmp_path)
+           if r["arm"] == "WVA" and r["phase"] == "report"]
+  assert f"| WVA | 1 | 3 | {100 * np.mean(fresh):.2f} ± " in text
+  assert "| tiny | WVA | SGD | " in text
+  readme.write_text("no markers\n")
+  with pytest.raises(ValueError, match="no study block"):
+    report.build_report(tmp_path, readme)
+
+
+def test_committed_readme_states_the_committed_results():
+  """README.md's study block is what `python -m experiments report` makes of results/."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  text = (root / "README.md").read_text(encoding="utf-8")
+  block = text[text.index(report.README_BEGIN):text.index(report.README_END)]
+  expected = "\n".join([report.README_BEGIN, "", *report.headline(root / "results"), ""]) + "\n"
+  assert block == expected, "run `python -m experiments report` and commit README.md"
+
+
 def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
@@ -363,6 +395,16 @@ def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):
   rows = report.lambda_by_tasks(s.store.records())
   assert [(k, lam, best) for _, k, lam, _, _, best in rows] == [(2, 1.0, 1.0), (3, 1.0, 1.0)]
   assert report.plot_lambda_by_tasks(s.store.records(), tmp_path)[0].stat().st_size > 1000
+  # Seed noise vs lambda steps, against a direct computation per lambda.
+  noise = report.grid_noise(s.store.records())
+  assert [(a, lam, n) for a, lam, n, *_ in noise] == [("WVA", 0.1, 3), ("WVA", 1.0, 3),
+                                                      ("WVA", 10.0, 3)]
+  acc = {lam: [r["final_mean_acc"] for r in rep if r["lambda"] == lam] for lam in (0.1, 1.0, 10.0)}
+  _, _, _, m, sd, rg, gap = noise[0]
+  assert m == pytest.approx(np.mean(acc[0.1])) and sd == pytest.approx(np.std(acc[0.1], ddof=1))
+  assert rg == pytest.approx(max(acc[0.1]) - min(acc[0.1]))
+  assert gap == pytest.approx(abs(np.mean(acc[1.0]) - np.mean(acc[0.1])))
+  assert math.isnan(noise[-1][-1])
 
 
 def test_configured_comparisons_name_arms_of_their_experiment():
