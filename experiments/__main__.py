@@ -37,7 +37,10 @@ def parse_args(argv):
   p.add_argument("--steps-per-task", type=int, help="SGD steps per task (protocol: 2200)")
   p.add_argument("--stream", choices=["permuted", "rotated", "split"])
   p.add_argument("--arms", nargs="+", help="only arms whose name contains one of these")
-  p.add_argument("--batch-runs", type=int, default=8, help="runs vmapped in one program")
+  p.add_argument("--batch-runs", type=int,
+                 help="runs vmapped in one program (default: 1 at 1000+ steps per task, "
+                      "where the matmuls dominate and vmapping does not pay, else 8; "
+                      "benchmarks/results/protocol*.md)")
   p.add_argument("--out", help="results directory (default results/<name>[-quick])")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--resume", action="store_true",
@@ -76,6 +79,16 @@ def configure(args) -> Experiment:
   return exp
 
 
+def batch_runs(args, exp: Experiment) -> int:
+  # Measured (benchmarks/protocol.py): at the protocol's 2200 steps per task one
+  # run per program is the fastest per run; at 55 steps, 8 vmapped runs are.
+  if args.batch_runs is None:
+    return 1 if exp.steps_per_task >= 1000 else 8
+  if args.batch_runs < 1:
+    raise SystemExit(f"--batch-runs must be at least 1, got {args.batch_runs}")
+  return args.batch_runs
+
+
 def out_dir(args) -> pathlib.Path:
   if args.out:
     return pathlib.Path(args.out)
@@ -90,7 +103,7 @@ def quickstart(args, exp: Experiment) -> None:
         f"(the protocol has 2200; reduced so it runs in minutes on a CPU), batch 100, "
         f"seed {exp.report_seeds[0]}; results in {out}/", flush=True)
   t0 = time.perf_counter()
-  study = Study(exp, out, batch_runs=args.batch_runs, progress=not args.no_progress)
+  study = Study(exp, out, batch_runs=batch_runs(args, exp), progress=not args.no_progress)
   if not args.resume and study.store.path.exists():
     study.store.path.unlink()  # deterministic runs: the same numbers come back
   study.run()
@@ -150,7 +163,8 @@ def main(argv=None) -> None:
     quickstart(args, exp)
     return
   from experiments.study import Study  # pylint: disable=import-outside-toplevel
-  study = Study(exp, out_dir(args), batch_runs=args.batch_runs, progress=not args.no_progress)
+  study = Study(exp, out_dir(args), batch_runs=batch_runs(args, exp),
+                progress=not args.no_progress)
   study.run()
   print(f"{exp.name}: {len(study.store.records())} runs in {study.store.path}; "
         "`python -m experiments report` updates results/README.md")

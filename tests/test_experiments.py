@@ -422,3 +422,16 @@ def test_stats():
   recs = [{"lambda": lam, "mean_acc": [0.9, a]} for lam, a in pairs]
   assert stats.select_lambda(recs)[0] == 10
   assert stats.select_lambda(recs, at_task=1)[0] == 1  # ties: the smaller lambda
+
+
+def test_batch_runs_default_follows_the_step_count():
+  from experiments import __main__ as cli  # pylint: disable=import-outside-toplevel
+  full = cli.parse_args(["aa_sgd"])
+  assert cli.batch_runs(full, cli.configure(full)) == 1
+  quick = cli.parse_args(["aa_sgd", "--quick"])
+  assert cli.batch_runs(quick, cli.configure(quick)) == 8
+  explicit = cli.parse_args(["aa_sgd", "--batch-runs", "3"])
+  assert cli.batch_runs(explicit, cli.configure(explicit)) == 3
+  bad = cli.parse_args(["aa_sgd", "--batch-runs", "0"])
+  with pytest.raises(SystemExit, match="--batch-runs must be at least 1, got 0"):
+    cli.batch_runs(bad, cli.configure(bad))
