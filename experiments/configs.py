@@ -140,12 +140,17 @@ EXPERIMENTS = {e.name: e for e in [
          _arm(wva("adam", placement="gradients"))],
         compare=_pairs((wva("adam"), wva("adam", placement="gradients")),
                        (wva("adam", placement="gradients"), ADAM), (wva("adam"), wva("sgd")))),
+    # The EWC arms are methods' (their runs are shared, none trains again): added
+    # in session 3, after exponential WVA came out ahead of hyperbolic, to pair it
+    # with EWC on the same fresh seeds.
     Experiment(
         "viscosity", "Hyperbolic 1/(1+lambda*imp) vs exponential exp(-lambda*imp) WVA, "
-        "for SGD and Adam (seed exp. 4).",
+        "for SGD and Adam (seed exp. 4), and each against EWC.",
         [_arm(wva(o, viscosity=v)) for o in ("sgd", "adam")
-         for v in ("hyperbolic", "exponential")],
-        compare=_pairs(*[(wva(o), wva(o, viscosity="exponential")) for o in ("sgd", "adam")])),
+         for v in ("hyperbolic", "exponential")]
+        + [_arm(ewc("sgd"), EWC_GRID), _arm(ewc("adam"), EWC_ADAM_GRID)],
+        compare=_pairs(*[(wva(o), wva(o, viscosity="exponential")) for o in ("sgd", "adam")],
+                       *[(wva(o, viscosity="exponential"), ewc(o)) for o in ("sgd", "adam")])),
     Experiment(
         "lambda_vs_tasks", "Does the best lambda depend on the number of tasks (2..10)? "
         "WVA-Fisher with SGD (seed exp. 5).",
