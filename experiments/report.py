@@ -346,7 +346,7 @@ def study_cost(root: pathlib.Path):
     if path.parent.name in EXPERIMENTS:
       for r in ResultStore(path).records():
         walls[r["run_id"]], batch[r["run_id"]] = r["wall_time_s"], r.get("batch_runs")
-  in_plan = {r["run_id"] for e in EXPERIMENTS.values() for r in experiment_records(e, root)}
+  in_plan = _runs_in_plan(root)
   plan = study_plan(EXPERIMENTS.values())
   total = sum(new for _, new in plan.values())
   if walls:
@@ -384,6 +384,29 @@ def study_cost(root: pathlib.Path):
   return lines
 
 
+def _planned(records, exp):
+  """The records ``exp`` itself runs: its selection grid, and the fresh seeds at
+  the lambdas it selects (at every lambda with ``report_grid``). Pooled records
+  can hold more: another experiment's fresh seeds at other lambdas."""
+  by_arm = defaultdict(list)
+  for r in records:
+    by_arm[r["arm"]].append(r)
+  keep = []
+  for rs in by_arm.values():
+    sel = [r for r in rs if r["phase"] == "select"]
+    if not sel or exp.report_grid:
+      keep += rs
+      continue
+    lams = {stats.select_lambda(sel, k)[0] for k in (exp.select_at or [None])}
+    keep += sel + [r for r in rs if r["phase"] == "report" and r["lambda"] in lams]
+  return keep
+
+
+def _runs_in_plan(root) -> set:
+  return {r["run_id"] for e in EXPERIMENTS.values()
+          for r in _planned(experiment_records(e, root), e)}
+
+
 README_BEGIN = ("<!-- study results: written by `python -m experiments report` from "
                 "results/*/runs.jsonl; edits here are overwritten -->")
 README_END = "<!-- end of study results -->"
@@ -401,7 +424,7 @@ def headline(root) -> list[str]:
   arms, pending, answers, status, by_tasks = {}, [], {}, [], []
   for name, exp in EXPERIMENTS.items():
     records = experiment_records(exp, root)
-    status.append((name, len(records), plan[name][0]))
+    status.append((name, len(_planned(records, exp)), plan[name][0]))
     if not records:
       pending += [a.name for a in exp.arms if a.name not in arms and a.name not in pending]
       continue
@@ -418,7 +441,7 @@ def headline(root) -> list[str]:
   done = [f"{n} ({d} runs)" for n, d, u in status if d >= u]
   going = [f"{n} ({d} of {u} runs)" for n, d, u in status if d < u]
   total = sum(new for _, new in plan.values())
-  in_plan = len({r["run_id"] for e in EXPERIMENTS.values() for r in experiment_records(e, root)})
+  in_plan = len(_runs_in_plan(root))
   lines = [f"Runs done: {in_plan} of the {total} planned. Complete: "
            f"{', '.join(done) or 'none'}." + (f" In progress: {', '.join(going)}." if going else ""),
            "", "Final mean accuracy over the 10 tasks and forgetting (the mean drop from each "

@@ -358,6 +358,13 @@ def test_report_writes_the_readme_study_block(tmp_path, monkeypatch):
   exp = dataclasses.replace(_tiny_experiment(), compare=(("WVA", "SGD"),))
   monkeypatch.setattr(report, "EXPERIMENTS", {"tiny": exp})
   study.Study(exp, tmp_path / "tiny", progress=False, split=_split(50, 10, 20)).run()
+  # Another experiment's fresh seeds at a lambda tiny did not select: pooled, not counted.
+  store = tmp_path / "tiny" / "runs.jsonl"
+  extra = [json.loads(l) for l in store.read_text().splitlines()][-1]
+  assert extra["arm"] == "WVA" and extra["lambda"] == 1.0
+  extra.update(run_id=extra["run_id"].replace("-l1.0", "-l10.0"), **{"lambda": 10.0})
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "runs.jsonl").write_text(json.dumps(extra) + "\n")
   readme = tmp_path / "main-readme.md"  # tmp_path/README.md is the report itself
   readme.write_text(f"intro\n{report.README_BEGIN}\nstale 12.34\n{report.README_END}\noutro\n")
   report.build_report(tmp_path, readme)
@@ -365,7 +372,7 @@ def test_report_writes_the_readme_study_block(tmp_path, monkeypatch):
   assert text.startswith("intro\n") and text.endswith(f"{report.README_END}\noutro\n")
   assert "stale" not in text and "Runs done: 12 of the 12 planned. Complete: tiny (12 runs)." in text
   fresh = [r["final_mean_acc"] for r in study.experiment_records(exp, tmp_path)
-           if r["arm"] == "WVA" and r["phase"] == "report"]
+           if r["arm"] == "WVA" and r["phase"] == "report" and r["lambda"] == 1.0]
   assert f"| WVA | 1 | 3 | {100 * np.mean(fresh):.2f} ± " in text
   assert "| tiny | WVA | SGD | " in text
   readme.write_text("no markers\n")
