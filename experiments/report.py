@@ -200,10 +200,19 @@ def lambda_by_tasks(records):
     for k in range(2, len(sel[0]["mean_acc"]) + 1):
       lam, means = stats.select_lambda(sel, k)
       fresh = stats.mean_ci([r["mean_acc"][k - 1] for r in rep if r["lambda"] == lam])
-      # With fresh seeds at every lambda: which lambda they would have picked.
-      best_fresh = (stats.select_lambda(rep, k)[0]
-                    if {r["lambda"] for r in rep} >= set(means) else math.nan)
-      rows.append((arm, k, lam, means[lam], fresh, best_fresh))
+      # With fresh seeds at every lambda: which lambda they would have picked,
+      # and its lead over the runner-up, paired by seed.
+      best_fresh, lead = math.nan, (math.nan, math.nan, 0)
+      if {r["lambda"] for r in rep} >= set(means):
+        best_fresh, fresh_means = stats.select_lambda(rep, k)
+        second = max((m, -l) for l, m in fresh_means.items() if l != best_fresh)
+        acc = defaultdict(dict)
+        for r in rep:
+          acc[r["lambda"]][r["seed"]] = r["mean_acc"][k - 1]
+        seeds = sorted(set(acc[best_fresh]) & set(acc[-second[1]]))
+        lead = (stats.mean_ci([acc[best_fresh][s] - acc[-second[1]][s] for s in seeds])
+                + (-second[1],))
+      rows.append((arm, k, lam, means[lam], fresh, best_fresh, lead))
   return rows
 
 
@@ -291,9 +300,11 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
     rows = lambda_by_tasks(records)
     if rows:
       lines += ["", "| arm | tasks k | λ selected at k | acc (selection seeds) | "
-                "acc (fresh seeds) | best λ on the fresh seeds |", "|---|---|---|---|---|---|"]
-      lines += [f"| {a} | {k} | {lam:g} | {100 * m:.2f} | {_fmt(*f[:2])} | {_lam(b)} |"
-                for a, k, lam, m, f, b in rows]
+                "acc (fresh seeds) | best λ on the fresh seeds | its lead over the next best λ, "
+                "paired (points) |", "|---|---|---|---|---|---|---|"]
+      lines += [f"| {a} | {k} | {lam:g} | {100 * m:.2f} | {_fmt(*f[:2])} | {_lam(b)} | "
+                + ("-" if d[2] == 0 else f"{_fmt(*d[:2])} over λ {d[3]:g}") + " |"
+                for a, k, lam, m, f, b, d in rows]
     noise = grid_noise(records)
     if noise:
       lines += ["", "Seed noise against lambda steps, final mean accuracy on the fresh seeds "

@@ -400,7 +400,13 @@ def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):
   assert sorted({r["lambda"] for r in rep}) == [0.1, 1.0, 10.0] and len(rep) == 9
   assert study.study_plan([exp])["tiny"] == (6 + 9 + 3, 6 + 9 + 3)
   rows = report.lambda_by_tasks(s.store.records())
-  assert [(k, lam, best) for _, k, lam, _, _, best in rows] == [(2, 1.0, 1.0), (3, 1.0, 1.0)]
+  assert [(k, lam, best) for _, k, lam, _, _, best, _ in rows] == [(2, 1.0, 1.0), (3, 1.0, 1.0)]
+  # The lead of the fresh seeds' best lambda over the runner-up, paired by seed.
+  at = {(r["lambda"], r["seed"]): r["mean_acc"][1] for r in rep}
+  lead = rows[0][-1]
+  second = max((0.1, 10.0), key=lambda l: np.mean([at[(l, s)] for s in (7, 8, 9)]))
+  assert lead[3] == second and lead[2] == 3
+  assert lead[0] == pytest.approx(np.mean([at[(1.0, s)] - at[(second, s)] for s in (7, 8, 9)]))
   assert report.plot_lambda_by_tasks(s.store.records(), tmp_path)[0].stat().st_size > 1000
   # Seed noise vs lambda steps, against a direct computation per lambda.
   noise = report.grid_noise(s.store.records())
