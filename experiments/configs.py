@@ -26,11 +26,12 @@ from experiments.runner import STEPS_PER_TASK
 # Session 1's grids were 9 lambdas x 3 selection seeds per arm: 1,065 runs,
 # 17-41 hours on this 2-core CPU at 50-137 s per full-protocol run. Trimmed
 # (session 2) to 5 lambdas x 2 selection seeds, keeping the fresh seeds at 10.
-# Session 1's 51 full runs (previous split; WVA-Fisher, SGD and Adam, 0.03..300 x 3 seeds;
-# `git show c21ecca:results/methods/runs.jsonl`) spread 0.3-3.1 points between
-# seeds at a fixed lambda, while neighbouring lambdas (x3 apart) differed by
-# 2.2-12.3 points, except SGD's 10 vs 30 (0.7): where two lambdas are that
-# close, either is within the noise of the best, so two seeds suffice to pick.
+# Checked afterwards on lambda_vs_tasks, which runs 10 fresh seeds at every
+# lambda (`python -m experiments report`, results/README.md, "Seed noise against
+# lambda steps"): at a fixed lambda the seeds' SD is 0.4-1.6 points, while
+# neighbouring lambdas (x3 apart) differ by 3.1-6.6 points, except 10 vs 30
+# (0.5): where two lambdas are that close, either is within the noise of the
+# best, so two seeds suffice to pick.
 # * WVA, hyperbolic: full runs peaked at 10 (SGD) and 30 (Adam) of 0.03..300.
 # * WVA, exponential: exp(-lambda*imp) matches 1/(1+lambda'*imp) at
 #   lambda = ln(1+lambda'*imp)/imp, about 10x below lambda' at imp ~ 5 (the
