@@ -339,7 +339,8 @@ def timing_section(root: pathlib.Path):
   lines = ["## Cost of the full protocol", "",
            "One full-protocol run: 10 permuted tasks x 2200 steps (batch 100), importance "
            "after each task, evaluation on all seen tasks; includes compilation. The "
-           "machine was shared (load average = other processes on its 2 cores).", "",
+           "machine was shared (load average = other processes on its 2 cores). Measured on "
+           "a quiet machine against a PyTorch loop: `benchmarks/results/protocol-full.md`.", "",
            "| runs vmapped | method | wall s (batch) | s per run | load avg | command |",
            "|---|---|---|---|---|---|"]
   timings = _timings(root)
