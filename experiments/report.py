@@ -205,13 +205,13 @@ def lambda_by_tasks(records):
       best_fresh, lead = math.nan, (math.nan, math.nan, 0)
       if {r["lambda"] for r in rep} >= set(means):
         best_fresh, fresh_means = stats.select_lambda(rep, k)
-        second = max((m, -l) for l, m in fresh_means.items() if l != best_fresh)
+        runner_up = max((l for l in fresh_means if l != best_fresh),
+                        key=lambda l: (fresh_means[l], -l))
         acc = defaultdict(dict)
         for r in rep:
           acc[r["lambda"]][r["seed"]] = r["mean_acc"][k - 1]
-        seeds = sorted(set(acc[best_fresh]) & set(acc[-second[1]]))
-        lead = (stats.mean_ci([acc[best_fresh][s] - acc[-second[1]][s] for s in seeds])
-                + (-second[1],))
+        seeds = sorted(set(acc[best_fresh]) & set(acc[runner_up]))
+        lead = stats.mean_ci([acc[best_fresh][s] - acc[runner_up][s] for s in seeds]) + (runner_up,)
       rows.append((arm, k, lam, means[lam], fresh, best_fresh, lead))
   return rows
 
@@ -433,27 +433,28 @@ def headline(root) -> list[str]:
   """
   root = pathlib.Path(root)
   plan = study_plan(EXPERIMENTS.values())
-  arms, pending, answers, status, by_tasks = {}, [], {}, [], []
+  arms, answers, status, by_tasks, in_plan = {}, {}, [], [], set()
   for name, exp in EXPERIMENTS.items():
     records = experiment_records(exp, root)
-    status.append((name, len(_planned(records, exp)), plan[name][0]))
+    mine = _planned(records, exp)
+    in_plan |= {r["run_id"] for r in mine}
+    status.append((name, len(mine), plan[name][0]))
     if not records:
-      pending += [a.name for a in exp.arms if a.name not in arms and a.name not in pending]
       continue
     summary = summarize(records, exp)
     for s in summary:
-      if s["n"] and s["arm"] not in arms:
-        arms[s["arm"]] = s
-    pending += [a.name for a in exp.arms if a.name not in arms and a.name not in pending]
+      if s["n"]:
+        arms.setdefault(s["arm"], s)
     for a, b, d, k in paired(summary, records, exp.compare):
       answers.setdefault((a, b), (name, d, k))
     if exp.select_at:
       by_tasks += [(name, rows) for rows in [lambda_by_tasks(records)] if rows]
-  pending = [a for a in pending if a not in arms]
+  names = [a.name for exp in EXPERIMENTS.values() for a in exp.arms]
+  pending = [a for a in dict.fromkeys(names) if a not in arms]
   done = [f"{n} ({d} runs)" for n, d, u in status if d >= u]
   going = [f"{n} ({d} of {u} runs)" for n, d, u in status if d < u]
   total = sum(new for _, new in plan.values())
-  in_plan = len(_runs_in_plan(root))
+  in_plan = len(in_plan)
   lines = [f"Runs done: {in_plan} of the {total} planned. Complete: "
            f"{', '.join(done) or 'none'}." + (f" In progress: {', '.join(going)}." if going else ""),
            "", "Final mean accuracy over the 10 tasks and forgetting (the mean drop from each "
