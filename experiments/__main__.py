@@ -2,8 +2,9 @@
 
 Names: ``quickstart`` (the README's main job), the study's experiments
 (``methods``, ``aa_sgd``, ``ab_adam``, ``viscosity``, ``lambda_vs_tasks``,
-``importance``), ``timing`` (seconds per full-protocol run, 1 and 8 runs
-vmapped) and ``report`` (plots and results/README.md from results/*/runs.jsonl).
+``importance``, ``importance_exponential``) and ``report`` (plots and
+results/README.md from results/*/runs.jsonl). Seconds per full-protocol run,
+against a PyTorch loop, are ``benchmarks/protocol.py``'s.
 Every run is appended to ``results/<name>/runs.jsonl`` as soon as it finishes;
 running the same command again skips finished runs (quickstart: with --resume).
 """
@@ -11,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import pathlib
 import sys
 import time
 
 from experiments.configs import EXPERIMENTS, QUICKSTART, Experiment
 
-NAMES = ["quickstart", *EXPERIMENTS, "timing", "report"]
+NAMES = ["quickstart", *EXPERIMENTS, "report"]
 
 
 def parse_args(argv):
@@ -119,30 +118,6 @@ def quickstart(args, exp: Experiment) -> None:
         f"wall time {time.perf_counter() - t0:.0f} s")
 
 
-def timing(args) -> None:
-  """Seconds per full-protocol 10-task run, vmapped over 1 and 8 runs."""
-  from experiments import data as D, runner, tasks  # pylint: disable=import-outside-toplevel
-  from experiments.configs import wva  # pylint: disable=import-outside-toplevel
-  from experiments.results import provenance  # pylint: disable=import-outside-toplevel
-  steps = args.steps_per_task or runner.STEPS_PER_TASK
-  T = args.tasks or 10
-  split = D.load_mnist()
-  data = runner.to_device(split, tasks.permuted(split, T))
-  method = wva("sgd")
-  out = out_dir(args)
-  out.mkdir(parents=True, exist_ok=True)
-  for n in (args.seeds or [1, 8]):
-    _, state, wall = runner.timed_batch(data, method, [1.0] * n, list(range(n)),
-                                        num_tasks=T, steps_per_task=steps)
-    rec = {"runs": n, "tasks": T, "steps_per_task": steps, "method": method.label(),
-           "wall_s": round(wall, 2), "load_avg_1min": round(os.getloadavg()[0], 2), "command": "python -m experiments " + " ".join(sys.argv[1:]),
-           **provenance()}
-    print(json.dumps({k: rec[k] for k in ("runs", "tasks", "steps_per_task", "wall_s")}),
-          flush=True)
-    with open(out / "timing.jsonl", "a", encoding="utf-8") as f:
-      f.write(json.dumps(rec) + "\n")
-
-
 def main(argv=None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.name == "report":
@@ -154,9 +129,6 @@ def main(argv=None) -> None:
               and report.README_BEGIN in readme.read_text(encoding="utf-8") else None)
     print(f"wrote {report.build_report(pathlib.Path(args.out or 'results'), readme)}"
           + (f" and the study block of {readme}" if readme else ""))
-    return
-  if args.name == "timing":
-    timing(args)
     return
   exp = configure(args)
   if args.name == "quickstart":

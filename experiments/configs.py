@@ -165,6 +165,18 @@ EXPERIMENTS = {e.name: e for e in [
         compare=_pairs(*[(c("sgd", "fisher_empirical"), c("sgd", i))
                          for c in (wva, ewc) for i in IMPORTANCES[1:]],
                        *[(wva("sgd", i), ewc("sgd", i)) for i in IMPORTANCES])),
+    # Added in session 4, after the study: exponential WVA beat hyperbolic on every
+    # fresh seed (viscosity), so does the importance ranking of seed exp. 6 hold for
+    # it too? Its Fisher arm is viscosity's and its EWC arms are importance's (shared).
+    Experiment(
+        "importance_exponential", "Fisher vs MAS vs SIG vs SI importance for exponential "
+        "WVA, each against EWC with the same importance (SGD; extends seed exp. 6).",
+        [_arm(wva("sgd", i, viscosity="exponential")) for i in IMPORTANCES]
+        + [_arm(ewc("sgd", i), EWC_GRID) for i in IMPORTANCES],
+        compare=_pairs(*[(wva("sgd", viscosity="exponential"),
+                          wva("sgd", i, viscosity="exponential")) for i in IMPORTANCES[1:]],
+                       *[(wva("sgd", i, viscosity="exponential"), ewc("sgd", i))
+                         for i in IMPORTANCES])),
 ]}
 
 # The README's main job: one seed each, lambdas fixed (chosen in session 1 by

@@ -262,6 +262,31 @@ def paired(summary, records, pairs):
   return rows
 
 
+def plot_paired(name, rows, out_dir: pathlib.Path):
+  """The paired differences A - B with their 95% intervals: the answer at a glance."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  rows = [r for r in rows if r[2][2] > 1]  # an interval needs two seeds
+  if not rows:
+    return []
+  fig, ax = plt.subplots(figsize=(8.4, 1.1 + 0.4 * len(rows)))
+  y = np.arange(len(rows))[::-1]
+  m = np.array([100 * d[0] for _, _, d, _ in rows])
+  h = np.array([100 * d[1] for _, _, d, _ in rows])
+  ax.errorbar(m, y, xerr=h, fmt="o", ms=4, capsize=3)
+  ax.axvline(0.0, color="0.4", lw=0.8)
+  ax.set_yticks(y, [f"{a}  −  {b}  (n={d[2]})" for a, b, d, _ in rows], fontsize=7)
+  ax.set_xlabel("A − B, final mean accuracy (points; fresh seeds, paired; 95% CI)", fontsize=8)
+  ax.set_title(f"{name}: paired differences", fontsize=9)
+  ax.grid(axis="x", alpha=0.3)
+  fig.tight_layout()
+  path = out_dir / "paired.png"
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path):
   exp = _experiment(name)
   summary = summarize(records, exp)
@@ -290,6 +315,7 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
         pts = ", ".join(f"{lam:g}: {100 * v[0]:.1f}" for lam, v in s["select"].items())
         lines.append(f"- {s['arm']}: {pts}")
   rows = paired(summary, records, exp.compare if exp is not None else ())
+  pngs += plot_paired(name, rows, out_dir)
   if rows:
     lines += ["", "Paired differences, A - B, in final mean accuracy (points) over the fresh "
               "seeds both arms ran (same init and batch order), each arm at its selected λ:", "",
@@ -325,32 +351,6 @@ def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path)
   return lines
 
 
-def _timings(root: pathlib.Path) -> list[dict]:
-  path = root / "timing" / "timing.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def timing_section(root: pathlib.Path):
-  path = root / "timing" / "timing.jsonl"
-  if not path.exists():
-    return []
-  lines = ["## Cost of the full protocol", "",
-           "One full-protocol run: 10 permuted tasks x 2200 steps (batch 100), importance "
-           "after each task, evaluation on all seen tasks; includes compilation. The "
-           "machine was shared (load average = other processes on its 2 cores). Measured on "
-           "a quiet machine against a PyTorch loop: `benchmarks/results/protocol-full.md`.", "",
-           "| runs vmapped | method | wall s (batch) | s per run | load avg | command |",
-           "|---|---|---|---|---|---|"]
-  timings = _timings(root)
-  for t in timings:
-    lines.append(f"| {t['runs']} | {t['method']} | {t['wall_s']:.0f} | "
-                 f"{t['wall_s'] / t['runs']:.1f} | {t.get('load_avg_1min', '?')} | "
-                 f"`{t['command']}` |")
-  return lines + [""]
-
-
 def study_cost(root: pathlib.Path):
   """The plan, runs done (each counted once) and their wall time."""
   walls, batch = {}, {}
@@ -361,23 +361,18 @@ def study_cost(root: pathlib.Path):
   in_plan = _runs_in_plan(root)
   plan = study_plan(EXPERIMENTS.values())
   total = sum(new for _, new in plan.values())
-  if walls:
-    # Per batch size: how many runs share one program changes the cost per run.
-    by_batch = defaultdict(list)
-    for rid, w in walls.items():
-      by_batch[batch[rid]].append(w)
-    medians = {b: float(np.median(v)) for b, v in by_batch.items() if len(v) >= 5}
-    per_run = min(medians.values()) if medians else float(np.median(list(walls.values())))
-    basis = ("the fastest of the medians per batch size: " + "; ".join(
-        f"{m:.0f} s with {b if b else '?'} run{'s' if b != 1 else ''} per program "
-        f"({len(by_batch[b])} runs)" for b, m in sorted(medians.items(), key=lambda x: x[1]))
-        if medians else "the median of the runs done")
-  else:
-    timings = _timings(root)
-    if not timings:
-      return []
-    widest = max(timings, key=lambda t: t["runs"])
-    per_run, basis = widest["wall_s"] / widest["runs"], "`python -m experiments timing`"
+  if not walls:
+    return []
+  # Per batch size: how many runs share one program changes the cost per run.
+  by_batch = defaultdict(list)
+  for rid, w in walls.items():
+    by_batch[batch[rid]].append(w)
+  medians = {b: float(np.median(v)) for b, v in by_batch.items() if len(v) >= 5}
+  per_run = min(medians.values()) if medians else float(np.median(list(walls.values())))
+  basis = ("the fastest of the medians per batch size: " + "; ".join(
+      f"{m:.0f} s with {b if b else '?'} run{'s' if b != 1 else ''} per program "
+      f"({len(by_batch[b])} runs)" for b, m in sorted(medians.items(), key=lambda x: x[1]))
+      if medians else "the median of the runs done")
   lines = ["## The study's plan and cost", "",
            "From `experiments/configs.py`: 10 tasks x 2200 steps; a lambda grid x 2 selection "
            "seeds, then 10 fresh seeds at the selected lambda. Runs are keyed by (config, seed, "
@@ -392,7 +387,11 @@ def study_cost(root: pathlib.Path):
             f"{sum(walls.values()) / 3600:.1f} hours of wall time in all (a batch's wall time "
             "split evenly over its runs)."
             + (f" {len(walls) - len(in_plan)} more runs outside the plan are in the runs.jsonl "
-               "files." if len(walls) > len(in_plan) else ""), ""]
+               "files." if len(walls) > len(in_plan) else ""), "",
+            "These are the study's own runs, timed as they ran, some beside other work on "
+            "the 2 cores. One run on a quiet machine, against the seed's way of running it "
+            "(a PyTorch step loop, Fisher by a loop over examples): "
+            "[benchmarks/results/protocol-full.md](../benchmarks/results/protocol-full.md).", ""]
   return lines
 
 
@@ -503,7 +502,7 @@ def build_report(root="results", readme=None) -> pathlib.Path:
            "table lists the commands that produced its runs. `-quick` directories hold the "
            "pipeline checks (`--quick`: 3 tasks, 150 steps per task, 3 lambdas, 1 selection "
            "seed, 3 fresh seeds), not study results.", ""]
-  lines += timing_section(root) + study_cost(root)
+  lines += study_cost(root)
   # A study experiment reports every run of its design, wherever it was made
   # (it may have no runs.jsonl of its own when other experiments made them all).
   names = sorted({p.parent.name for p in root.glob("*/runs.jsonl")} | set(EXPERIMENTS))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -173,11 +172,3 @@ def run_batch(data: DeviceData, method: M.Method, lams: Sequence[float],
     if on_task is not None:
       on_task(t)
   return R, state
-
-
-def timed_batch(*args, **kwargs):
-  """``run_batch`` plus its wall time in seconds."""
-  t0 = time.perf_counter()
-  R, state = run_batch(*args, **kwargs)
-  jax.block_until_ready(state.params)
-  return R, state, time.perf_counter() - t0

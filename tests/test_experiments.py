@@ -346,6 +346,8 @@ def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
   diffs = [fin[("WVA", s)] - fin[("SGD", s)] for s in (7, 8, 9)]
   assert rows == [("WVA", "SGD", stats.mean_ci(diffs), sum(d > 0 for d in diffs))]
   assert "| WVA | SGD | " in text
+  assert (tmp_path / "tiny" / "paired.png").stat().st_size > 1000
+  assert "![paired](tiny/paired.png)" in text
   # The reported number is the mean over the fresh seeds at the selected lambda.
   recs = [json.loads(l) for l in (tmp_path / "tiny" / "runs.jsonl").read_text().splitlines()]
   fresh = [r["final_mean_acc"] for r in recs if r["arm"] == "WVA" and r["phase"] == "report"]

@@ -32,5 +32,6 @@ def test_quickstart_notebook_trains_and_protection_helps(monkeypatch):
 def test_wva_plots_notebook_reads_committed_results(monkeypatch):
   _, text = _run("wva-plots.ipynb", monkeypatch)
   assert "WVA-Fisher (SGD)" in text          # the committed quickstart results were read
-  for name in ("methods", "aa_sgd", "ab_adam", "viscosity", "lambda_vs_tasks", "importance"):
+  for name in ("methods", "aa_sgd", "ab_adam", "viscosity", "lambda_vs_tasks", "importance",
+               "importance_exponential"):
     assert f"### {name}" in text
