@@ -5,7 +5,6 @@ Every number in the README comes with the command(s) whose runs produced it
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from collections import defaultdict
