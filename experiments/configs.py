@@ -116,6 +116,20 @@ def _pairs(*pairs) -> tuple:
 
 
 SGD, ADAM = Method("sgd"), Method("adam")
+ADAM_RESET = Method("adam", reset_moments=True)
+ADAM_RESET_EPS = Method("adam", reset_moments=True, adam_eps=1e-20)
+
+
+def _wva_grads_like(adam: Method) -> Method:
+  """WVA on the gradients before ``adam`` (same moment reset and eps)."""
+  return dataclasses.replace(wva("adam", placement="gradients"),
+                             reset_moments=adam.reset_moments, adam_eps=adam.adam_eps)
+
+
+def _arm100(method: Method) -> Arm:
+  return Arm(method.label(), method, (100.0,))
+
+
 # The sampled ("true") Fisher of the seed's TF runs is available as a method but
 # left out of the study's grids to save 40 runs; empirical Fisher is the reference.
 IMPORTANCES = ("fisher_empirical", "mas", "sig", "si")
@@ -177,6 +191,24 @@ EXPERIMENTS = {e.name: e for e in [
                           wva("sgd", i, viscosity="exponential")) for i in IMPORTANCES[1:]],
                        *[(wva("sgd", i, viscosity="exponential"), ewc("sgd", i))
                          for i in IMPORTANCES])),
+    # Added in session 4: README explained Adam-gradients' few points over plain
+    # Adam (ab_adam) by Adam's moments lagging the importance, which changes only
+    # between tasks. Resetting the moments at each task boundary removes the lag;
+    # Adam's eps (added to sqrt(v), which WVA shrinks with the gradients) is the
+    # other place the scale survives, so the last pair also makes eps negligible.
+    # Under both, the two arms' updates are the same. All at the lambda ab_adam
+    # selected for Adam-gradients (100), no selection: 10 fresh runs per new arm.
+    Experiment(
+        "adam_moments", "Where does Adam-gradients' small protection come from: Adam's "
+        "moments lagging the between-task change of importance, or Adam's eps? The same "
+        "arms with the moments reset at each task boundary, then also with eps 1e-20 "
+        "(extends seed exp. 3).",
+        [_arm(ADAM), _arm100(wva("adam", placement="gradients"))]
+        + [a for m in (ADAM_RESET, ADAM_RESET_EPS)
+           for a in (_arm(m), _arm100(_wva_grads_like(m)))],
+        select_seeds=(),
+        compare=_pairs((wva("adam", placement="gradients"), ADAM),
+                       *[(_wva_grads_like(m), m) for m in (ADAM_RESET, ADAM_RESET_EPS)])),
 ]}
 
 # The README's main job: one seed each, lambdas fixed (chosen in session 1 by

@@ -32,6 +32,11 @@ class Method:
   viscosity: str = "hyperbolic"
   importance: str = "fisher_empirical"
   normalize: str | None = None        # None (the seed: raw sums) or 'mean'/'max'
+  # Adam only: its count and moments back to zero at the start of every task, so
+  # nothing of the previous task's gradient scale carries over (importance and
+  # anchor are kept).
+  reset_moments: bool = False
+  adam_eps: float | None = None  # None: optax's 1e-8, added to sqrt(v) in Adam's denominator
 
   def __post_init__(self):
     for field, choices in (("optimizer", OPTIMIZERS), ("consolidation", CONSOLIDATIONS),
@@ -40,6 +45,12 @@ class Method:
                            ("normalize", (None, "mean", "max"))):
       if getattr(self, field) not in choices:
         raise ValueError(f"{field} must be one of {choices}, got {getattr(self, field)!r}")
+    if self.reset_moments and self.optimizer != "adam":
+      raise ValueError(f"reset_moments needs optimizer='adam' (the moments it resets), "
+                       f"got optimizer={self.optimizer!r}")
+    if self.adam_eps is not None and (self.optimizer != "adam" or not self.adam_eps > 0):
+      raise ValueError(f"adam_eps needs optimizer='adam' and a value > 0, got "
+                       f"adam_eps={self.adam_eps!r} with optimizer={self.optimizer!r}")
 
   @property
   def lr(self) -> float:
@@ -51,23 +62,34 @@ class Method:
 
   def label(self) -> str:
     opt = self.optimizer.upper() if self.optimizer == "sgd" else "Adam"
+    reset = (", moments reset" if self.reset_moments else "") + (
+        f", eps {self.adam_eps:g}" if self.adam_eps is not None else "")
     if not self.protected:
-      return opt
+      return opt + (f" ({reset[2:]})" if reset else "")
     imp = {"fisher_empirical": "Fisher", "fisher_sampled": "Fisher(sampled)",
            "mas": "MAS", "sig": "SIG", "si": "SI"}[self.importance]
     if self.consolidation == "wva":
       where = "grads" if self.placement == "gradients" else "incr"
       visc = "" if self.viscosity == "hyperbolic" else ", exp"
-      return f"WVA-{imp} ({opt}-{where}{visc})"
-    return f"{'EWC' if self.consolidation == 'ewc' else 'implicit EWC'}-{imp} ({opt})"
+      return f"WVA-{imp} ({opt}-{where}{visc}{reset})"
+    return f"{'EWC' if self.consolidation == 'ewc' else 'implicit EWC'}-{imp} ({opt}{reset})"
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    # Runs are keyed by this dict: a field added later is left out at its
+    # default, so the runs made before it existed keep their keys.
+    for field, default in (("reset_moments", False), ("adam_eps", None)):
+      if d[field] == default:
+        del d[field]
+    return d
 
 
 def build_optimizer(method: Method, strength) -> optax.GradientTransformation:
   """The optax chain of ``method``; ``strength`` may be a traced scalar."""
-  base = optax.sgd(method.lr) if method.optimizer == "sgd" else optax.adam(method.lr)
+  if method.optimizer == "sgd":
+    base = optax.sgd(method.lr)
+  else:
+    base = optax.adam(method.lr, **({} if method.adam_eps is None else {"eps": method.adam_eps}))
   if method.consolidation == "none":
     tx = base
   elif method.consolidation == "wva":
@@ -83,6 +105,14 @@ def build_optimizer(method: Method, strength) -> optax.GradientTransformation:
     # Outermost, so SI sees the raw task-loss gradient and the applied increment.
     tx = wj.importance.path_integral(tx)
   return tx
+
+
+def reset_moments(opt_state):
+  """Every Adam count and moment in ``opt_state`` back to its initial zeros."""
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+  return jax.tree_util.tree_map(
+      lambda s: jax.tree_util.tree_map(jnp.zeros_like, s) if is_adam(s) else s,
+      opt_state, is_leaf=is_adam)
 
 
 def task_importance(method: Method, apply_fn, params, opt_state, inputs, targets, key):

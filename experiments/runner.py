@@ -113,7 +113,9 @@ def train_task(state: RunState, lams, task, data: DeviceData, *, method: M.Metho
       updates, opt_state = opt.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), None
 
-    (params, opt_state), _ = jax.lax.scan(step, (st.params, st.opt_state), order)
+    # At task 0 the moments are zero already, so resetting every task is exact.
+    opt_state = M.reset_moments(st.opt_state) if method.reset_moments else st.opt_state
+    (params, opt_state), _ = jax.lax.scan(step, (st.params, opt_state), order)
     return st._replace(params=params, opt_state=opt_state)
 
   return jax.vmap(one)(state, lams)

@@ -16,6 +16,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments import data as D
@@ -258,6 +259,55 @@ def test_sgd_gradients_and_increments_placements_agree():
     outs.append(tx.update(grads, st, params)[0]["w"])
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
   np.testing.assert_allclose(outs[0], [-0.2, -0.4 / 7], rtol=1e-6)
+
+
+def test_reset_moments_restores_adams_initial_state_and_keeps_importance():
+  params = {"w": jnp.array([0.5, -1.0])}
+  imp = {"w": jnp.array([1.0, 3.0])}
+  m = M.Method("adam", consolidation="wva", placement="gradients", reset_moments=True)
+  tx = M.build_optimizer(m, 2.0)
+  st = M.consolidate(m, tx.init(params), params, None, imp)[0]
+  for _ in range(3):
+    st = tx.update({"w": jnp.array([1.0, 2.0])}, st, params)[1]
+  fresh, reset = tx.init(params), M.reset_moments(st)
+  get = optax.tree_utils.tree_get
+  assert int(get(st, "count")) == 3
+  for field in ("count", "mu", "nu"):
+    same = jax.tree_util.tree_map(np.array_equal, get(reset, field), get(fresh, field))
+    assert all(jax.tree_util.tree_leaves(same)), field
+  np.testing.assert_array_equal(get(reset, "importance")["w"], imp["w"])
+
+
+def test_reset_moments_runs_reset_at_every_task_and_only_with_adam():
+  split = _split()
+  data = runner.to_device(split, tasks.permuted(split, 2))
+  counts = {}
+  for reset in (False, True):
+    _, state = runner.run_batch(data, M.Method("adam", reset_moments=reset), [0.0], [0],
+                                num_tasks=2, steps_per_task=12, batch_size=50)
+    counts[reset] = int(optax.tree_utils.tree_get(state.opt_state, "count")[0])
+  assert counts == {False: 24, True: 12}
+  # Runs keep their keys: the field is absent from the config at its default.
+  assert "reset_moments" not in M.Method("adam").to_dict()
+  assert M.Method("adam", reset_moments=True).to_dict()["reset_moments"] is True
+  with pytest.raises(ValueError, match="reset_moments needs optimizer='adam'.*got optimizer='sgd'"):
+    M.Method("sgd", reset_moments=True)
+
+
+def test_adam_eps_reaches_adams_denominator_and_is_validated():
+  params, grads = {"w": jnp.zeros(2)}, {"w": jnp.array([1e-6, -1e-6])}
+  for eps in (None, 1e-20, 1e-3):
+    tx = M.build_optimizer(M.Method("adam", adam_eps=eps), 0.0)
+    upd = tx.update(grads, tx.init(params), params)[0]["w"]
+    e = 1e-8 if eps is None else eps
+    # First Adam step, bias-corrected by hand: m_hat = g, sqrt(v_hat) = |g|.
+    np.testing.assert_allclose(upd, -1e-3 * np.array([1e-6, -1e-6]) / (1e-6 + e), rtol=1e-5)
+  assert "adam_eps" not in M.Method("adam").to_dict()
+  for bad in (0.0, -1e-8, float("nan")):
+    with pytest.raises(ValueError, match=f"adam_eps={bad!r}"):
+      M.Method("adam", adam_eps=bad)
+  with pytest.raises(ValueError, match="adam_eps=1e-08 with optimizer='sgd'"):
+    M.Method("sgd", adam_eps=1e-8)
 
 
 # ------------------------------------------------------- resume, report
