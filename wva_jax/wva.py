@@ -77,11 +77,12 @@ def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic",
   * ``optax.chain(wva_scale(...), optax.adam(...))`` attenuates gradients
     before Adam, whose per-coordinate normalisation ``m / sqrt(v)`` cancels
     any constant per-coordinate scale: under a fixed importance the
-    trajectory is identical to plain Adam (up to ``eps``); only the lag of
-    Adam's moments after each task's new importance leaves a little
-    protection. This is the seed's failing "Adam-gradients" arm, kept for
-    the comparison. Before plain SGD (no momentum) both placements are the
-    same.
+    trajectory is identical to plain Adam (up to ``eps``). What protection
+    it shows comes from Adam's moments lagging each task's new importance:
+    with the moments reset at every task boundary it vanishes (the study's
+    ``adam_moments``). This is the seed's failing "Adam-gradients" arm, kept
+    for the comparison. Before plain SGD (no momentum) both placements are
+    the same.
 
   On 10 permuted-MNIST tasks (the project's study, ``results/README.md``,
   experiment ``viscosity``) the exponential form beat the hyperbolic one on
