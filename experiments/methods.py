@@ -62,17 +62,18 @@ class Method:
 
   def label(self) -> str:
     opt = self.optimizer.upper() if self.optimizer == "sgd" else "Adam"
-    reset = (", moments reset" if self.reset_moments else "") + (
+    # Adam's variants, as ", moments reset, eps 1e-20" (empty for the study's Adam).
+    variant = (", moments reset" if self.reset_moments else "") + (
         f", eps {self.adam_eps:g}" if self.adam_eps is not None else "")
     if not self.protected:
-      return opt + (f" ({reset[2:]})" if reset else "")
+      return opt + (f" ({variant[2:]})" if variant else "")
     imp = {"fisher_empirical": "Fisher", "fisher_sampled": "Fisher(sampled)",
            "mas": "MAS", "sig": "SIG", "si": "SI"}[self.importance]
     if self.consolidation == "wva":
       where = "grads" if self.placement == "gradients" else "incr"
       visc = "" if self.viscosity == "hyperbolic" else ", exp"
-      return f"WVA-{imp} ({opt}-{where}{visc}{reset})"
-    return f"{'EWC' if self.consolidation == 'ewc' else 'implicit EWC'}-{imp} ({opt}{reset})"
+      return f"WVA-{imp} ({opt}-{where}{visc}{variant})"
+    return f"{'EWC' if self.consolidation == 'ewc' else 'implicit EWC'}-{imp} ({opt}{variant})"
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
