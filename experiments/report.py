@@ -85,10 +85,23 @@ def summarize(records, exp=None):
   return out
 
 
-def plot_experiment(name, summary, out_dir: pathlib.Path):
+def _pyplot():
+  """pyplot on the file-only Agg backend (imported late: only the report plots)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  _pyplot().close(fig)
+  return path
+
+
+def plot_experiment(name, summary, out_dir: pathlib.Path):
+  plt = _pyplot()
   paths = []
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for s in summary:
@@ -106,10 +119,7 @@ def plot_experiment(name, summary, out_dir: pathlib.Path):
   ax.set_title(f"{name}: " + ("one seed" if one else "fresh seeds, mean ± 95% CI"))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  paths.append(out_dir / "curves.png")
-  fig.savefig(paths[-1], dpi=110)
-  plt.close(fig)
+  paths.append(_save(fig, out_dir / "curves.png"))
   if any(len(s["select"]) > 1 for s in summary):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for s in summary:
@@ -124,10 +134,7 @@ def plot_experiment(name, summary, out_dir: pathlib.Path):
     ax.set_title(f"{name}: lambda selection (selection seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "lambda_selection.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "lambda_selection.png"))
   return paths
 
 
@@ -147,9 +154,7 @@ def plot_lambda_by_tasks(records, out_dir: pathlib.Path, ks=(2, 4, 6, 8, 10)):
   experiment with ``report_grid``), else the selection seeds' means; stars mark
   the lambda selected at k on the selection seeds.
   """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   sel = [r for r in records if r["phase"] == "select"]
   if not sel:
     return []
@@ -181,11 +186,7 @@ def plot_lambda_by_tasks(records, out_dir: pathlib.Path, ks=(2, 4, 6, 8, 10)):
   ax.set_title(f"{arm}: {what}; stars: λ selected at k", fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  path = out_dir / "lambda_by_tasks.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return [path]
+  return [_save(fig, out_dir / "lambda_by_tasks.png")]
 
 
 def lambda_by_tasks(records):
@@ -263,9 +264,7 @@ def paired(summary, records, pairs):
 
 def plot_paired(name, rows, out_dir: pathlib.Path):
   """The paired differences A - B with their 95% intervals: the answer at a glance."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   rows = [r for r in rows if r[2][2] > 1]  # an interval needs two seeds
   if not rows:
     return []
@@ -279,11 +278,7 @@ def plot_paired(name, rows, out_dir: pathlib.Path):
   ax.set_xlabel("A − B, final mean accuracy (points; fresh seeds, paired; 95% CI)", fontsize=8)
   ax.set_title(f"{name}: paired differences", fontsize=9)
   ax.grid(axis="x", alpha=0.3)
-  fig.tight_layout()
-  path = out_dir / "paired.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return [path]
+  return [_save(fig, out_dir / "paired.png")]
 
 
 def experiment_section(name, records, out_dir: pathlib.Path, root: pathlib.Path):
