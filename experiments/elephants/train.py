@@ -17,6 +17,7 @@ import optax
 
 import wva_jax as wj
 from experiments.elephants import model as lm
+from experiments.optim import make_optimizer
 
 METHODS = ("plain", "ewc", "wva", "implicit_ewc")
 
@@ -31,7 +32,8 @@ class Schedule:
 
 
 def make_tx(method: str, strength, lr: float, importance_dtype=None) -> optax.GradientTransformation:
-  """The optimizer of each method; importance (and anchor) are set into its state afterwards.
+  """The optimizer of each method (``experiments.optim.make_optimizer`` with Adam);
+  importance (and anchor) are set into its state afterwards.
 
   * ``plain``: Adam.
   * ``ewc``: ``chain(add_ewc, adam)``: Adam sees ``g + lambda*imp*(theta - theta_A)``.
@@ -39,29 +41,22 @@ def make_tx(method: str, strength, lr: float, importance_dtype=None) -> optax.Gr
   * ``implicit_ewc``: ``chain(adam, implicit_ewc)``: the proximal EWC step on Adam's
     increments, ``eta`` absorbed into ``lambda``.
   """
-  if method == "plain":
-    return optax.adam(lr)
-  if method == "ewc":
-    return optax.chain(wj.add_ewc(None, None, strength, importance_dtype=importance_dtype),
-                       optax.adam(lr))
-  if method == "wva":
-    return wj.wva_adam(lr, None, strength, importance_dtype=importance_dtype)
-  if method == "implicit_ewc":
-    return optax.chain(optax.adam(lr), wj.implicit_ewc(None, None, strength, learning_rate=1.0,
-                                                       importance_dtype=importance_dtype))
-  raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  return make_optimizer("adam", lr, "none" if method == "plain" else method, strength,
+                        importance_dtype=importance_dtype)
 
 
 def consolidated_state(tx, params, importance):
-  """``tx.init(params)`` with the importance swapped in and the anchor at ``params``."""
+  """``tx.init(params)`` with the importance swapped in and, where the method has
+  one (EWC), the anchor at ``params``."""
   state = tx.init(params)
   if importance is None:
     return state
   state = wj.set_importance(state, importance)
-  try:
+  is_ewc = lambda s: isinstance(s, wj.EWCState)
+  if any(is_ewc(s) for s in jax.tree_util.tree_leaves(state, is_leaf=is_ewc)):
     state = wj.set_anchor(state, params)
-  except ValueError:   # WVA has no anchor
-    pass
   return state
 
 
