@@ -10,7 +10,7 @@ import pytest
 
 import reference_models as rm
 
-from wva_jax.importance._engine import engine_report, gradient_sums
+from wva_jax.importance._engine import FallbackWarning, engine_report, gradient_sums
 from wva_jax.importance._per_example import per_example_sum
 
 C = 3
@@ -207,7 +207,7 @@ def test_sequence_embedding_layernorm_with_padding_mask(data):
   assert rel_err(unmasked, fast) > 1e-3
 
 
-def test_shared_weight_falls_back_and_is_exact(data):
+def test_shared_weight_sums_uses_per_example_and_is_exact(data):
   rng = np.random.default_rng(4)
   params = {"shared": jnp.asarray(rng.normal(size=(7, 7)) / 2, jnp.float32),
             "head": jnp.asarray(rng.normal(size=(7, C)), jnp.float32)}
@@ -216,11 +216,11 @@ def test_shared_weight_falls_back_and_is_exact(data):
   assert rel_err(fast, ref) <= 1e-5
   # sum_b (g1_b + g2_b)^2 != sum_b g1_b^2 + g2_b^2: a wrong factoring would show here
   assert engine_report(shared, params, data["x"]) == {"head": "dense",
-                                                      "shared": "fallback: used by 2 ops"}
+                                                      "shared": "shared: dense + dense"}
 
 
-def test_unseen_uses_fall_back(data):
-  """A parameter inside a custom_vjp call or a scan body is differentiated the general way."""
+def test_unseen_uses_fall_back_with_a_warning(data):
+  """A parameter inside a custom_vjp call, or under a nonlinearity, is differentiated the general way."""
 
   @jax.custom_vjp
   def scaled(x, s):
@@ -231,16 +231,18 @@ def test_unseen_uses_fall_back(data):
   def model(p, x):
     h = scaled(x, p["s"])
     h, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["rec"]), None), h, None, length=2)
-    return h @ p["out"]
+    return h @ jnp.tanh(p["out"])
 
   rng = np.random.default_rng(5)
   params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), {
       "s": rng.normal(size=7), "rec": rng.normal(size=(7, 7)) / 3, "out": rng.normal(size=(7, C))})
   report = engine_report(model, params, data["x"])
-  assert report["out"] == "dense"
+  assert report["out"] == "fallback: used by tanh"
   assert report["s"] == "fallback: used by custom_vjp_call"
-  assert report["rec"] == "fallback: used by scan"
-  fast, ref = both(model, params, data["x"], score, {"y": data["y"]})
+  # closed over by the scan body: used once per iteration, summed per example
+  assert report["rec"] == "dense/positions (scan)"
+  with pytest.warns(FallbackWarning, match="'out' \\(tanh\\)"):
+    fast, ref = both(model, params, data["x"], score, {"y": data["y"]})
   assert rel_err(fast, ref) <= 1e-5
 
 

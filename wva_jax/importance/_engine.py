@@ -6,21 +6,28 @@
 ``engine='vmap'`` is the chunked ``vmap(vjp)`` reference: it materialises
 every per-example gradient of every parameter. ``engine='factored'`` (the
 ``'auto'`` default) avoids that for the parameters it can see in the model's
-jaxpr (``_jaxpr.trace``), with no model rewrite and no loss registration:
+jaxpr (``_jaxpr.trace``, rules in ``_rules``), with no model rewrite and no
+loss registration:
 
 * dense (a ``dot_general`` used once, one position per example): the
   per-example gradient is the outer product ``x_b d_b^T`` of the layer input
   and the output cotangent, so ``sum_b R(x_b d_b^T) = R(X)^T R(D)``: ONE
   matmul per layer for the whole chunk, and for K cotangents
-  ``R(X)^T sum_k R(D_k)``.
-* dense over positions (tokens), conv, bias, scale (``mul``), embedding
-  (``gather``): the per-example gradient of that parameter alone is formed by
-  one batched contraction over the example's positions (the op's VJP in the
-  parameter, under ``vmap``; for a convolution, input patches from strided
-  slices times ``D``, einsum('bkp,bop->bko')), then reduced. Never one
+  ``R(X)^T sum_k R(D_k)``. Inside a scan, one such matmul per layer slice.
+* everything else it can see (dense over positions (tokens), conv, bias,
+  scale (``mul``), embedding (``gather``), a leaf used by several ops (a
+  tied embedding: ``gather`` + ``attend``), a leaf closed over by a scan
+  body): the per-example gradient of that leaf alone is formed from each
+  use's recorded operands and output cotangent by one batched contraction
+  over the example's positions (the op's VJP in the parameter, under
+  ``vmap``; for a convolution, input patches from strided slices times
+  ``D``), the uses' contributions summed (mapped back through the layout
+  ops and scans between the leaf and each use), then reduced. Never one
   backward pass per example.
-* fallback (a parameter used by several ops, or inside control flow or a
-  custom-derivative call...): per-example gradients of those leaves only.
+* fallback (a parameter the rules cannot see through: a nonlinear function
+  of it, a custom VJP, a ``while`` loop...): per-example gradients of those
+  leaves only, through the same backward pass; a ``FallbackWarning`` names
+  them once per trace.
 
 ``X`` is recorded during the forward pass and ``D`` comes from the same
 backward pass as the fallback gradients: a zero perturbation ``eps`` is added
@@ -28,6 +35,8 @@ to each factored op's output and the summed cotangent is pulled back to
 ``eps``. The forward pass runs once per chunk, then K backward passes.
 """
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +51,29 @@ ENGINES = ("auto", "factored", "vmap")
 DENSE_CHUNK_SIZE = 1024
 
 
+class FallbackWarning(UserWarning):
+  """Some parameter leaves leave the factored engine's fast path.
+
+  Their per-example gradients are then formed by ``vjp`` (exact, but slower
+  and chunk_size times their size in memory). Silence it with
+  ``warnings.simplefilter('ignore', wj.importance.FallbackWarning)``.
+  """
+
+
+def _use_label(u) -> str:
+  if u.prim == "dot_general":
+    return "dense" if _jaxpr.positions(u) == 1 else "dense/positions"
+  return u.kind
+
+
+def _outer(uses, leaf) -> bool:
+  """One dense use with one position per example, reached through a permutation."""
+  if len(uses) != 1:
+    return False
+  (u,) = uses
+  return u.prim == "dot_general" and _jaxpr.positions(u) == 1 and u.path.permutes
+
+
 def _classify(plan, leaves) -> list[str]:
   """The path each leaf takes: 'dense', 'dense/positions', 'conv', ... or 'fallback: <why>'."""
   out = []
@@ -54,15 +86,14 @@ def _classify(plan, leaves) -> list[str]:
       out.append(f"fallback: used by {blocked[0]}")
     elif not uses:
       out.append("unused")
-    elif len(uses) > 1:
-      out.append(f"fallback: used by {len(uses)} ops")
     else:
-      u = uses[0]
-      if u.prim == "dot_general":
-        one = _jaxpr.positions(u) == 1 and _jaxpr.is_permutation(u, jnp.shape(leaf))
-        out.append("dense" if one else "dense/positions")
-      else:
-        out.append(u.kind)
+      label = "dense" if _outer(uses, leaf) else (
+          "dense/positions" if uses[0].prim == "dot_general" and len(uses) == 1 else
+          _use_label(uses[0]) if len(uses) == 1 else
+          "shared: " + " + ".join(_use_label(u) for u in uses))
+      if any(u.loops for u in uses):
+        label += " (scan)"
+      out.append(label)
   return out
 
 
@@ -86,8 +117,11 @@ def engine_report(apply_fn, params, inputs) -> dict[str, str]:
     ``{'layers/0/kernel': 'dense', ...}``. Paths: ``'dense'`` (one matmul of
     ``R(X)^T R(D)``), ``'dense/positions'``, ``'conv'``, ``'bias'``,
     ``'scale'``, ``'embedding'`` (per-example gradient of that leaf alone, by
-    one batched contraction over positions), ``'unused'`` (zero) and
-    ``'fallback: <reason>'`` (per-example ``vjp`` restricted to that leaf).
+    one batched contraction over positions), ``'shared: a + b'`` (a leaf used
+    by several ops, e.g. a tied embedding: the uses' per-example gradients
+    summed), a ``' (scan)'`` suffix for a leaf used inside a scan (per layer
+    slice, inside the scan), ``'unused'`` (zero) and ``'fallback: <reason>'``
+    (per-example ``vjp`` restricted to that leaf).
 
   Example:
     >>> import jax.numpy as jnp
@@ -98,6 +132,28 @@ def engine_report(apply_fn, params, inputs) -> dict[str, str]:
   num_examples(inputs)
   plan, _, kinds = _plan(apply_fn, params, inputs)
   return dict(zip(_jaxpr.leaf_paths(params), kinds))
+
+
+def check_model(apply_fn, params, inputs, what: str = "outputs"):
+  """One array of outputs, per example: the contract every estimator relies on."""
+  example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
+  out = _jaxpr.check_output(apply_fn, params, example, what)
+  _jaxpr.check_per_example(apply_fn, params, example)
+  return out
+
+
+def _warn_fallback(params, kinds):
+  names = _jaxpr.leaf_paths(params)
+  slow = [(n, k[len("fallback: used by "):]) for n, k in zip(names, kinds) if k.startswith("fallback")]
+  if slow:
+    listed = ", ".join(f"{n!r} ({why})" for n, why in slow[:8])
+    more = f" and {len(slow) - 8} more" if len(slow) > 8 else ""
+    warnings.warn(
+        f"{len(slow)} parameter leaves leave the fast path of the importance engine and get "
+        f"per-example gradients by vjp (exact, slower, more memory): {listed}{more}. "
+        "See wj.importance.engine_report; silence with "
+        "warnings.simplefilter('ignore', wj.importance.FallbackWarning)",
+        FallbackWarning, stacklevel=4)
 
 
 def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="square",
@@ -116,17 +172,18 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
   R = reducer(reduce)
   n = num_examples(inputs)
   plan, leaves, kinds = _plan(apply_fn, params, inputs)
+  _warn_fallback(params, kinds)
   treedef = jax.tree_util.tree_structure(params)
   shapes = [jnp.shape(l) for l in leaves]
   fallback = [i for i, k in enumerate(kinds) if k.startswith("fallback")]
   factored = [i for i, k in enumerate(kinds)
               if not k.startswith("fallback") and not k.startswith("unused")]
+  outer_leaves = [i for i in factored if kinds[i] == "dense"]
+  per_ex_leaves = [i for i in factored if kinds[i] != "dense"]
   sites = plan.sites(factored)
-  outer = [u for u in sites if kinds[u.leaf] == "dense"]
-  per_ex = [u for u in sites if kinds[u.leaf] != "dense"]
-  small = not fallback and all(kinds[u.leaf] in ("dense", "bias") for u in sites)
+  small = not fallback and all(kinds[i] in ("dense", "bias") for i in factored)
   chunk = resolve_chunk_size(chunk_size, n, DENSE_CHUNK_SIZE if small else DEFAULT_CHUNK_SIZE)
-  chunk_t = {u.site: _jaxpr.chain_transpose(u.chain, shapes[u.leaf]) for u in sites}
+  back = {u.site: _jaxpr.path_transpose(u.path, shapes[u.leaf]) for u in sites}
   (x_chunks, e_chunks), valid = chunked((inputs, extras), n, chunk)
   f32 = lambda a: a.astype(jnp.float32)
 
@@ -134,20 +191,28 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     ls = list(leaves)
     for j, i in enumerate(fallback):
       ls[i] = pf[j]
-    caps = {}
 
     def hook(u, invals, out):
-      if not u.additive:  # an add's derivative needs none of its operands
-        caps[u.site] = [None if k == u.operand else a for k, a in enumerate(invals)]
-      return out + eps[u.site]
+      if u.additive:  # an add's derivative needs none of its operands
+        return None
+      return [None if k == u.operand else a for k, a in enumerate(invals)]
 
-    out = _jaxpr.evaluate(plan, ls, [a[None] for a in x_leaves], hook, sites)
-    return out, caps
+    return _jaxpr.evaluate(plan, ls, [a[None] for a in x_leaves], hook, sites, eps)
+
+  def use_grad(u, cap, d, patches):
+    """One example's gradient of the leaf through use ``u``, in the leaf's layout."""
+    if u.additive:
+      g = _jaxpr.looped(u, lambda db: _jaxpr.operand_grad(u, None, db))(d)
+    elif patches is not None:
+      g = _jaxpr.looped(u, lambda pb, db: _jaxpr.conv_kernel_grad(u, pb, db))(patches, d)
+    else:
+      g = _jaxpr.looped(u, lambda ob, db: _jaxpr.operand_grad(u, ob, db))(cap, d)
+    return back[u.site](g)
 
   def body(chunk_data):
     x, e, v = chunk_data
     acc = [jnp.zeros(s, jnp.float32) for s in shapes]
-    eps0 = {u.site: jnp.zeros((chunk,) + u.eqn.outvars[0].aval.shape,
+    eps0 = {u.site: jnp.zeros((chunk,) + u.loops + u.eqn.outvars[0].aval.shape,
                               u.eqn.outvars[0].aval.dtype) for u in sites}
     pf0 = [jnp.broadcast_to(leaves[i], (chunk,) + shapes[i]) for i in fallback]
     fwd = lambda eps, pf: jax.vmap(one_example)(jax.tree_util.tree_leaves(x), eps, pf)
@@ -156,25 +221,23 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     cots = cots * v.reshape((1, chunk) + (1,) * (cots.ndim - 2))
     cots = cots.astype(out.dtype)[:, :, None]
 
-    # patches of each plain conv's input: computed once, shared by the K directions
-    patches = {u.site: jax.vmap(lambda ob: _jaxpr.conv_patches(u, ob[0]))(caps[u.site])
-               for u in per_ex if _jaxpr.patchable(u)}
+    # patches of each conv's input: computed once, shared by the K directions
+    patches = {u.site: jax.vmap(_jaxpr.looped(u, lambda ob, u=u: _jaxpr.conv_patches(u, ob[0])))(
+        caps[u.site]) for i in per_ex_leaves for u in plan.uses[i] if _jaxpr.patchable(u)}
 
     def per_direction(c):
       d, g = pullback(c)
-      outer_r = {u.site: R(f32(d[u.site])) for u in outer}
+      outer_r = {plan.uses[i][0].site: R(f32(d[plan.uses[i][0].site])) for i in outer_leaves}
       sums = [R(f32(gi)).sum(0) for gi in g]
       ex = []
-      for u in per_ex:
-        t = chunk_t[u.site]
-        if u.additive:
-          grads = jax.vmap(lambda db: t(_jaxpr.operand_grad(u, None, db)))(d[u.site])
-        elif u.site in patches:
-          grads = jax.vmap(lambda pb, db: t(_jaxpr.conv_kernel_grad(u, pb, db)))(
-              patches[u.site], d[u.site])
-        else:
-          grads = jax.vmap(lambda ob, db: t(_jaxpr.operand_grad(u, ob, db)))(
-              caps[u.site], d[u.site])
+      for i in per_ex_leaves:
+        uses = plan.uses[i]
+
+        def grad_b(cap_b, d_b, p_b, uses=uses):
+          return sum(use_grad(u, cap_b[u.site], d_b[u.site], p_b.get(u.site)) for u in uses)
+
+        sel = lambda t, uses=uses: {u.site: t[u.site] for u in uses if u.site in t}
+        grads = jax.vmap(grad_b)(sel(caps), sel(d), sel(patches))
         ex.append(R(grads).sum(0))
       return outer_r, sums, ex
 
@@ -188,19 +251,32 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
       (outer_r, sums, ex), _ = jax.lax.scan(step, init, cots)
     for j, i in enumerate(fallback):
       acc[i] = acc[i] + sums[j]
-    for u, s in zip(per_ex, ex):
-      acc[u.leaf] = acc[u.leaf] + s
-    for u in outer:
-      # sum_b R(x_b d_b^T) = R(X)^T R(D): the layer's own VJP on (R(X), sum_k R(D_k)).
-      rx = [None if o is None else R(_jaxpr.as_f32(o)) for o in caps[u.site]]
-      shared = lambda w: jax.vmap(
-          lambda ob: _jaxpr.bind_f32(u, [w if k == u.operand else a for k, a in enumerate(ob)])
-      )(rx)
-      w0 = jnp.zeros(u.eqn.invars[u.operand].aval.shape, jnp.float32)
-      (gw,) = jax.vjp(shared, w0)[1](outer_r[u.site])
-      acc[u.leaf] = acc[u.leaf] + chunk_t[u.site](gw)
+    for i, s in zip(per_ex_leaves, ex):
+      acc[i] = acc[i] + s
+    for i in outer_leaves:
+      (u,) = plan.uses[i]
+      acc[i] = acc[i] + back[u.site](_outer_sum(u, R, caps[u.site], outer_r[u.site]))
     return acc
 
   init = [jnp.zeros(s, jnp.float32) for s in shapes]
   acc = scan_chunks(body, init, (x_chunks, e_chunks, valid))
   return jax.tree_util.tree_unflatten(treedef, acc)
+
+
+def _outer_sum(u, R, cap, dr):
+  """``sum_b R(x_b d_b^T)`` = the layer's own VJP on ``(R(X), sum_k R(D_k))``, per loop slice."""
+  n_loops = len(u.loops)
+  # chunk axis after the loop axes, so each loop slice sees [chunk, ...]
+  to_inner = lambda a: None if a is None else jnp.moveaxis(a, 0, n_loops)
+  rx = [None if o is None else R(_jaxpr.as_f32(to_inner(o))) for o in cap]
+  dr = to_inner(dr)
+  w0 = jnp.zeros(u.eqn.invars[u.operand].aval.shape, jnp.float32)
+
+  def one_slice(rx_l, dr_l):
+    shared = lambda w: jax.vmap(
+        lambda ob: _jaxpr.bind_f32(u, [w if k == u.operand else a for k, a in enumerate(ob)])
+    )(rx_l)
+    (gw,) = jax.vjp(shared, w0)[1](dr_l)
+    return gw
+
+  return _jaxpr.looped(u, one_slice)(rx, dr)

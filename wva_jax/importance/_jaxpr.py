@@ -1,11 +1,12 @@
 """Reads a model's jaxpr to find where each parameter enters it.
 
-The factored importance engine and SIG need, for every parameter leaf, the one
-primitive that consumes it (a ``dot_general`` for a Dense kernel, a
-``conv_general_dilated`` for a Conv kernel, an ``add`` for a bias...) and, at
-run time, that primitive's other operands and its output. Nothing in the
-model is rewritten: ``apply_fn`` is traced once on a batch of ONE example and
-the resulting jaxpr is re-evaluated by a small interpreter that can (a) record
+The factored importance engine and SIG need, for every parameter leaf, the
+primitives that consume it (a ``dot_general`` for a Dense kernel, a
+``conv_general_dilated`` for a Conv kernel, an ``add`` for a bias, a
+``gather`` and a ``dot_general`` for a tied embedding...) and, at run time,
+those primitives' other operands and outputs. Nothing in the model is
+rewritten: ``apply_fn`` is traced once on a batch of ONE example and the
+resulting jaxpr is re-evaluated by a small interpreter that can (a) record
 the operands of chosen equations and (b) add a perturbation ``eps`` to their
 outputs, so that ``d loss / d eps`` is the cotangent at that output.
 
@@ -13,12 +14,18 @@ Tracing one example (and ``vmap``-ing the interpreter over a chunk) makes the
 example axis explicit everywhere: every captured array gets a leading chunk
 axis that is the example axis, whatever the model does with its batch axis.
 
-A parameter reaches its consumer through layout-only primitives (dtype casts,
-reshapes, transposes, broadcasts) and through calls whose semantics do not
-depend on how they are differentiated (``jit``, ``closed_call``, ``remat``);
-these are followed. Custom-derivative calls, control flow and anything else
-are not looked into: a parameter used there is reported as such, and the
-engine differentiates it the general way.
+How each primitive is treated is decided in one place, ``_rules.rule``. A
+``scan`` (layers stacked along a leading axis: ``nnx.scan``, ``nn.scan``,
+``hk.layer_stack``, ``lax.scan``) is entered: a use inside its body gets
+leading "loop" axes (one per enclosing scan), its ``eps`` is scanned in with
+the layer slices and its captures are scanned out, so the per-layer work
+happens inside the model's own scan.
+
+Each use carries the linear map from the leaf to the operand it feeds
+(``Path``): layout ops on the way, and for a scan either the layer slicing
+(a stacked leaf: a permutation) or a broadcast over iterations (a leaf
+closed over by the body: used once per layer). Its transpose maps stacked
+operand cotangents back to the leaf, summing the uses.
 """
 from __future__ import annotations
 
@@ -31,16 +38,26 @@ import jax
 from jax.extend import core as jcore
 import jax.numpy as jnp
 
-# Layout-only primitives a parameter may pass through on its way to its use.
-PASS_THROUGH = frozenset({"convert_element_type", "reshape", "transpose", "squeeze",
-                          "expand_dims", "broadcast_in_dim", "copy", "copy_p"})
-# Calls whose inner jaxpr is evaluated inline without changing any derivative.
-TRANSPARENT = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
-# Primitives linear in the parameter operand (given the other operands).
-LINEAR_KIND = {"dot_general": "dense", "conv_general_dilated": "conv", "mul": "scale",
-               "gather": "embedding"}
-# Primitives where the parameter is added to the rest: d out / d param = identity.
-ADDITIVE_KIND = {"add": "bias", "sub": "bias"}
+from wva_jax.importance import _rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+  """The linear map from a parameter leaf to one alias of it, with its loop axes.
+
+  ``steps`` are ``('bind', primitive, params)`` (a layout op, applied under
+  ``vmap`` over the loop axes in place at that point), ``('xs',)`` (entering
+  a scan as a scanned operand: the leading axis becomes a loop axis) and
+  ``('const', length)`` (entering a scan as a closed-over operand: broadcast
+  along a new loop axis).
+  """
+  steps: tuple = ()
+  loops: tuple = ()  # lengths of the enclosing scans' loop axes, outermost first
+  permutes: bool = True  # each leaf element appears exactly once in the alias
+
+  def then(self, step, loops=None, permutes=True) -> "Path":
+    return Path(self.steps + (step,), self.loops if loops is None else loops,
+                self.permutes and permutes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -50,7 +67,7 @@ class Use:
   site: tuple  # equation index path: (i,) top level, (i, j) eqn j inside eqn i's jaxpr
   eqn: Any  # the JaxprEqn
   operand: int  # position of the parameter alias among eqn.invars
-  chain: tuple  # ((primitive, params), ...) from the leaf to the operand
+  path: Path
 
   @property
   def prim(self) -> str:
@@ -58,11 +75,15 @@ class Use:
 
   @property
   def kind(self) -> str:
-    return LINEAR_KIND.get(self.prim) or ADDITIVE_KIND[self.prim]
+    return _rules.kind(self.prim)
 
   @property
   def additive(self) -> bool:
-    return self.prim in ADDITIVE_KIND
+    return _rules.is_additive(self.prim)
+
+  @property
+  def loops(self) -> tuple:
+    return self.path.loops
 
 
 @dataclasses.dataclass
@@ -97,7 +118,7 @@ def leaf_paths(params) -> list[str]:
 
 
 def _inner(eqn):
-  """(jaxpr, consts) of a transparent call equation."""
+  """(jaxpr, consts) of a call or scan equation's body."""
   j = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
   if isinstance(j, jcore.ClosedJaxpr):
     return j.jaxpr, j.consts
@@ -108,15 +129,100 @@ def _struct(x):
   return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
 
 
+def describe(out) -> str:
+  """A short description of a non-array model output, for error messages."""
+  leaves = jax.tree_util.tree_leaves(out)
+  shapes = ", ".join(str(tuple(getattr(l, "shape", ()))) for l in leaves[:4])
+  more = ", ..." if len(leaves) > 4 else ""
+  return f"a {type(out).__name__} of {len(leaves)} arrays (shapes {shapes}{more})"
+
+
+def check_output(apply_fn: Callable, params, example, what: str = "outputs"):
+  """The output's ShapeDtypeStruct; a clear error when ``apply_fn`` returns no single array."""
+  out = jax.eval_shape(apply_fn, params, example)
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise ValueError(
+        f"apply_fn must return one array of {what}, but it returned {describe(out)}. "
+        "Pick the array, e.g. `lambda p, x: apply_fn(p, x)[0]` for a tuple or "
+        "`lambda p, x: apply_fn(p, x).logits` for a transformers ModelOutput")
+  return out
+
+
+# Primitives that combine values along an axis: on an axis whose size is the
+# batch size they mix examples.
+_REDUCING = {"reduce_sum": "axes", "reduce_max": "axes", "reduce_min": "axes",
+             "reduce_prod": "axes", "reduce_and": "axes", "reduce_or": "axes",
+             "argmax": "axes", "argmin": "axes", "cumsum": "axis", "cumprod": "axis",
+             "cummax": "axis", "cummin": "axis", "cumlogsumexp": "axis", "sort": "dimension"}
+
+
+def _batch_dim(d) -> bool:
+  return not isinstance(d, int)  # symbolic: its size involves the batch size
+
+
+def _mixing(jaxpr):
+  """(primitive, how) of the first op that combines values across the batch axis, or None."""
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in _REDUCING:
+      ax = eqn.params[_REDUCING[name]]
+      axes = ax if isinstance(ax, tuple) else (ax,)
+      shape = eqn.invars[0].aval.shape
+      if any(_batch_dim(shape[a]) for a in axes):
+        return name, "reduces over the batch axis"
+    elif name == "dot_general":
+      (lc, rc), _ = eqn.params["dimension_numbers"]
+      shape = eqn.invars[0].aval.shape
+      if any(_batch_dim(shape[a]) for a in lc):
+        return name, "contracts the batch axis"
+    for j in _sub_jaxprs(eqn):
+      found = _mixing(j)
+      if found:
+        return found
+  return None
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if isinstance(x, jcore.ClosedJaxpr):
+        yield x.jaxpr
+      elif isinstance(x, jcore.Jaxpr):
+        yield x
+
+
+def check_per_example(apply_fn: Callable, params, example) -> None:
+  """Refuses a model whose outputs mix examples (e.g. BatchNorm in training mode).
+
+  Traces ``apply_fn`` with a symbolic batch size and looks for a reduction
+  or contraction over an axis whose size involves it. A model that cannot be
+  traced with a symbolic batch size (shape-dependent Python code) is not
+  checked.
+  """
+  try:
+    (b,) = jax.export.symbolic_shape("b")
+    sym = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((b,) + jnp.shape(a)[1:],
+                                                                jnp.result_type(a)), example)
+    closed = jax.make_jaxpr(apply_fn)(jax.tree_util.tree_map(_struct, params), sym)
+  except Exception:  # noqa: BLE001 - any failure of the symbolic trace: no check
+    return
+  found = _mixing(closed.jaxpr)
+  if found:
+    name, how = found
+    raise ValueError(
+        f"apply_fn mixes examples: primitive {name!r} {how} (BatchNorm in training "
+        "mode, a mean over the batch...). Importance is a mean of per-example "
+        "quantities, so outputs[b] must depend on inputs[b] only: run the model in "
+        "evaluation mode (e.g. BatchNorm with use_running_average=True)")
+
+
 def trace(apply_fn: Callable, params, example) -> Plan:
   """Traces ``apply_fn(params, example)`` (a batch of one) and maps parameter uses."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   fn = lambda ls, x: apply_fn(jax.tree_util.tree_unflatten(treedef, ls), x)
+  check_output(apply_fn, params, example)
   closed = jax.make_jaxpr(fn)([_struct(l) for l in leaves],
                               jax.tree_util.tree_map(_struct, example))
-  if len(closed.jaxpr.outvars) != 1:
-    raise ValueError("apply_fn must return a single array of outputs "
-                     f"(got {len(closed.jaxpr.outvars)} arrays)")
   uses: dict = {}
   blocked: dict = {}
 
@@ -132,65 +238,99 @@ def trace(apply_fn: Callable, params, example) -> Plan:
         continue
       name = eqn.primitive.name
       site = prefix + (i,)
-      if name in PASS_THROUGH and idx == [0] and len(eqn.outvars) == 1:
-        leaf, chain = ins[0]
-        env[eqn.outvars[0]] = (leaf, chain + ((eqn.primitive, eqn.params),))
-      elif name in TRANSPARENT:
+      rules = {k: _rules.rule(eqn, k) for k in idx}
+      live = [k for k in idx if rules[k] != _rules.ZERO]
+      if not live:
+        continue  # every alias dies here (zero derivative)
+      kinds = {rules[k] for k in live}
+      if kinds == {_rules.LAYOUT}:
+        (k,) = live
+        leaf, path = ins[k]
+        in_size, out_size = math.prod(eqn.invars[0].aval.shape), math.prod(eqn.outvars[0].aval.shape)
+        permutes = name in _rules.PERMUTING or in_size == out_size
+        env[eqn.outvars[0]] = (leaf, path.then(("bind", eqn.primitive, eqn.params),
+                                               permutes=permutes))
+      elif kinds == {_rules.CALL}:
         inner, _ = _inner(eqn)
-        for v, a in zip(eqn.outvars, walk(inner, ins, site)):
+        call_ins = [a if k in live else None for k, a in enumerate(ins)]
+        for v, a in zip(eqn.outvars, walk(inner, call_ins, site)):
           if a is not None:
             env[v] = a
-      elif (name in LINEAR_KIND or name in ADDITIVE_KIND) and len(idx) == 1 and \
-          not (name == "gather" and idx != [0]):
-        leaf, chain = ins[idx[0]]
-        uses.setdefault(leaf, []).append(Use(leaf, site, eqn, idx[0], chain))
+      elif kinds == {_rules.LOOP}:
+        inner, _ = _inner(eqn)
+        n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        length = eqn.params["length"]
+        body_ins = [None] * len(ins)
+        for k in live:
+          leaf, path = ins[k]
+          loops = path.loops + (length,)
+          if k < n_consts:
+            body_ins[k] = (leaf, path.then(("const", length), loops, permutes=False))
+          elif k < n_consts + n_carry:
+            block(ins[k], "scan carry")
+          else:
+            body_ins[k] = (leaf, path.then(("xs",), loops))
+        for a in walk(inner, body_ins, site):
+          if a is not None:
+            block(a, "returned by a scan")
+      elif kinds <= {_rules.LINEAR, _rules.ADDITIVE} and len(live) == 1:
+        (k,) = live
+        leaf, path = ins[k]
+        uses.setdefault(leaf, []).append(Use(leaf, site, eqn, k, path))
       else:
-        if name == "gather" and 0 not in idx:
-          reason = "gather indices"
-        elif len(idx) > 1 and (name in LINEAR_KIND or name in ADDITIVE_KIND):
+        if len(live) > 1 and kinds <= {_rules.LINEAR, _rules.ADDITIVE}:
           reason = f"{name} of two parameter operands"
+        elif name == "gather":
+          reason = "gather indices"
         else:
           reason = name
-        for k in idx:
+        for k in live:
           block(ins[k], reason)
-    out = []
-    for v in jaxpr.outvars:
-      out.append(env.get(v) if isinstance(v, jcore.Var) else None)
-    return out
+    return [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
 
   n = len(leaves)
-  in_alias = [(i, ()) for i in range(n)] + [None] * (len(closed.jaxpr.invars) - n)
+  in_alias = [(i, Path()) for i in range(n)] + [None] * (len(closed.jaxpr.invars) - n)
   for a in walk(closed.jaxpr, in_alias, ()):
     if a is not None:
       block(a, "returned as output")
   return Plan(closed, n, uses, blocked)
 
 
-def chain_fn(chain):
-  """The layout chain as a float32 function of the leaf (dtype casts dropped)."""
+def _under_loops(f, n: int):
+  for _ in range(n):
+    f = jax.vmap(f)
+  return f
+
+
+def path_fn(path: Path):
+  """The path as a float32 function of the leaf: leaf -> stacked operand [*loops, ...]."""
 
   def f(w):
-    for prim, params in chain:
-      if prim.name == "convert_element_type":
-        continue
-      w = prim.bind(w, **prim.get_bind_params(params))
+    n = 0  # loop axes in place so far
+    for step in path.steps:
+      if step[0] == "bind":
+        _, prim, params = step
+        if prim.name == "convert_element_type":
+          continue  # computed in float32
+        bound = lambda x, prim=prim, params=params: prim.bind(x, **prim.get_bind_params(params))
+        w = _under_loops(bound, n)(w)
+      elif step[0] == "xs":
+        n += 1
+      else:  # ("const", length): the same value in every iteration
+        w = jnp.broadcast_to(jnp.expand_dims(w, n), w.shape[:n] + (step[1],) + w.shape[n:])
+        n += 1
     return w
 
   return f
 
 
-def chain_transpose(chain, leaf_shape):
-  """Maps a float32 cotangent at the operand back to the leaf's layout (summing broadcasts)."""
-  f = chain_fn(chain)
-  if not any(p.name != "convert_element_type" for p, _ in chain):
+def path_transpose(path: Path, leaf_shape):
+  """Maps float32 cotangents of the stacked operand back to the leaf (summing copies)."""
+  if not any(s[0] != "xs" and not (s[0] == "bind" and s[1].name == "convert_element_type")
+             for s in path.steps):
     return lambda g: g
-  t = jax.linear_transpose(f, jax.ShapeDtypeStruct(leaf_shape, jnp.float32))
+  t = jax.linear_transpose(path_fn(path), jax.ShapeDtypeStruct(leaf_shape, jnp.float32))
   return lambda g: t(g)[0]
-
-
-def is_permutation(use: Use, leaf_shape) -> bool:
-  """True when the chain only permutes elements (no broadcast), so |.| and (.)^2 commute with it."""
-  return math.prod(leaf_shape) == math.prod(use.eqn.invars[use.operand].aval.shape)
 
 
 def bind_f32(use: Use, args):
@@ -206,7 +346,7 @@ def as_f32(x):
 
 
 def operand_grad(use: Use, others, d):
-  """VJP of the use's primitive w.r.t. its parameter operand, in float32.
+  """VJP of the use's primitive w.r.t. its parameter operand, in float32, for ONE iteration.
 
   ``others`` are the other operands (None for additive uses, whose derivative
   does not depend on them); the primitive is linear in the parameter operand,
@@ -229,11 +369,16 @@ def operand_grad(use: Use, others, d):
   return jax.vjp(op, w0)[1](d.astype(jnp.float32))[0]
 
 
+def looped(use: Use, f):
+  """``f`` (one iteration's arrays -> one iteration's result) mapped over the use's loop axes."""
+  return _under_loops(f, len(use.loops))
+
+
 def patchable(use: Use) -> bool:
-  """A plain (ungrouped) convolution whose parameter is the kernel."""
+  """A convolution (grouped or not) whose parameter is the kernel."""
   p = use.eqn.params
   return (use.prim == "conv_general_dilated" and use.operand == 1
-          and p["feature_group_count"] == 1 and p["batch_group_count"] == 1)
+          and p["batch_group_count"] == 1)
 
 
 def conv_patches(use: Use, lhs):
@@ -267,13 +412,26 @@ def conv_patches(use: Use, lhs):
 
 
 def conv_kernel_grad(use: Use, patches, d):
-  """One example's kernel gradient sum_p patch_p d_p^T, in the kernel's layout."""
-  dn = use.eqn.params["dimension_numbers"]
+  """One example's kernel gradient sum_p patch_p d_p^T, in the kernel's layout.
+
+  For ``feature_group_count`` G (depthwise: G = channels) group g's output
+  channels see only group g's input channels: one contraction per group.
+  """
+  p = use.eqn.params
+  dn = p["dimension_numbers"]
+  groups = p["feature_group_count"]
   d = jnp.transpose(d.astype(jnp.float32), (dn.out_spec[1], dn.out_spec[0]) + tuple(dn.out_spec[2:]))
-  g = patches @ d.reshape(d.shape[0], -1).T  # [C * window, O]
+  d = d.reshape(d.shape[0], -1)  # [O, P]
   kshape = use.eqn.invars[1].aval.shape
   window = tuple(kshape[a] for a in dn.rhs_spec[2:])
-  g = g.reshape((kshape[dn.rhs_spec[1]],) + window + (kshape[dn.rhs_spec[0]],))
+  n_out, n_in = kshape[dn.rhs_spec[0]], kshape[dn.rhs_spec[1]]  # n_in = C / G
+  if groups == 1:
+    g = patches @ d.T  # [C * window, O]
+  else:
+    pg = patches.reshape(groups, -1, patches.shape[-1])  # [G, C/G * window, P]
+    dg = d.reshape(groups, n_out // groups, -1)  # [G, O/G, P]
+    g = jnp.einsum("gkp,gop->kgo", pg, dg).reshape(pg.shape[1], n_out)
+  g = g.reshape((n_in,) + window + (n_out,))
   # g axes: (I, *spatial, O); kernel axis rhs_spec[1] is I, rhs_spec[2+i] spatial i, rhs_spec[0] O
   src = {dn.rhs_spec[1]: 0, dn.rhs_spec[0]: len(kshape) - 1}
   src.update({a: 1 + i for i, a in enumerate(dn.rhs_spec[2:])})
@@ -297,13 +455,20 @@ def positions(use: Use) -> int:
   return p
 
 
-def evaluate(plan: Plan, leaves, x_leaves, hook, sites):
-  """Evaluates the traced jaxpr; ``hook(use, invals, out) -> out`` runs at each site."""
+def evaluate(plan: Plan, leaves, x_leaves, hook, sites, eps=None):
+  """Evaluates the traced jaxpr for one example; returns ``(output, captures)``.
+
+  At each use site ``hook(use, invals, out)`` returns what to capture; then
+  ``eps[site]`` (if given) is added to the output. Inside a scan, ``eps`` of
+  the sites in its body is scanned in along the loop axis and the captures
+  are scanned out, so both carry the site's loop axes in front.
+  """
   by_site = {u.site: u for u in sites}
   prefixes = {u.site[:k] for u in sites for k in range(1, len(u.site))}
+  eps = eps or {}
 
-  def run(jaxpr, consts, args, prefix):
-    env = {}
+  def run(jaxpr, consts, args, prefix, eps_here):
+    env, caps = {}, {}
 
     def read(v):
       return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -316,19 +481,50 @@ def evaluate(plan: Plan, leaves, x_leaves, hook, sites):
       site = prefix + (i,)
       invals = [read(v) for v in eqn.invars]
       if site in prefixes:
-        inner, inner_consts = _inner(eqn)
-        outs = run(inner, inner_consts, invals, site)
+        inner_eps = {s: e for s, e in eps_here.items() if s[:len(site)] == site}
+        if eqn.primitive.name == "scan":
+          outs, inner_caps = _run_scan(run, eqn, site, invals, inner_eps)
+        else:
+          inner, inner_consts = _inner(eqn)
+          call = lambda a, e, inner=inner, ic=inner_consts, site=site: run(inner, ic, a, site, e)
+          if eqn.primitive.name in ("checkpoint", "remat2"):
+            # keep the model's rematerialisation: captures are recomputed too
+            call = jax.checkpoint(call, prevent_cse=eqn.params.get("prevent_cse", True),
+                                  policy=eqn.params.get("policy"))
+          outs, inner_caps = call(invals, inner_eps)
+        caps.update(inner_caps)
       else:
         with eqn.ctx.manager:
           outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
         if not eqn.primitive.multiple_results:
           outs = [outs]
         if site in by_site:
-          outs = [hook(by_site[site], invals, outs[0])]
+          caps[site] = hook(by_site[site], invals, outs[0])
+          if site in eps_here:
+            outs = [outs[0] + eps_here[site]]
       for v, x in zip(eqn.outvars, outs):
         if not isinstance(v, jcore.DropVar):
           env[v] = x
-    return [read(v) for v in jaxpr.outvars]
+    return [read(v) for v in jaxpr.outvars], caps
 
-  (out,) = run(plan.closed.jaxpr, plan.closed.consts, list(leaves) + list(x_leaves), ())
-  return out
+  (out,), caps = run(plan.closed.jaxpr, plan.closed.consts,
+                     list(leaves) + list(x_leaves), (), eps)
+  return out, caps
+
+
+def _run_scan(run, eqn, site, invals, eps_here):
+  """A scan equation re-run by the interpreter, with eps scanned in and captures out."""
+  p = eqn.params
+  body, body_consts = _inner(eqn)
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  consts, carry, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
+
+  def step(c, x):
+    xs_t, eps_t = x
+    outs, caps = run(body, body_consts, list(consts) + list(c) + list(xs_t), site, eps_t)
+    return outs[:n_carry], (outs[n_carry:], caps)
+
+  carry_out, (ys, caps) = jax.lax.scan(step, list(carry), (list(xs), eps_here),
+                                       length=p["length"], reverse=p["reverse"],
+                                       unroll=p["unroll"])
+  return list(carry_out) + list(ys), caps

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from wva_jax._checks import check_choice
-from wva_jax.importance._engine import gradient_sums
+from wva_jax.importance._engine import check_model, gradient_sums
 from wva_jax.importance._per_example import num_examples
 
 MODES = ("empirical", "sampled", "exact")
@@ -69,7 +69,7 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
   """
   check_choice(mode, MODES, "mode")
   n = num_examples(inputs)
-  out = jax.eval_shape(apply_fn, params, jax.tree_util.tree_map(lambda a: a[:1], inputs))
+  out = check_model(apply_fn, params, inputs, "logits")
   if len(out.shape) < 2:
     raise ValueError(f"apply_fn must return logits [B, ..., C]; got output shape {out.shape}")
   positions, num_classes = out.shape[1:-1], out.shape[-1]

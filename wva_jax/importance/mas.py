@@ -6,7 +6,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from wva_jax.importance._engine import gradient_sums
+from wva_jax.importance._engine import check_model, gradient_sums
 from wva_jax.importance._per_example import num_examples
 
 
@@ -50,9 +50,9 @@ def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
     ECCV 2018.
   """
   n = num_examples(inputs)
+  out = check_model(apply_fn, params, inputs)
   extras = None
   if mask is not None:
-    out = jax.eval_shape(apply_fn, params, jax.tree_util.tree_map(lambda a: a[:1], inputs))
     mask = jnp.asarray(mask)
     expected = (n,) + tuple(out.shape[1:-1])
     if len(out.shape) < 2 or mask.shape != expected:

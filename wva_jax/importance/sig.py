@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from wva_jax.importance import _jaxpr
+from wva_jax.importance._engine import check_model
 from wva_jax.importance._per_example import chunked, num_examples, resolve_chunk_size, scan_chunks
 
 # SIG keeps only per-site sums of |activations| between chunks, so chunks can be big.
@@ -90,6 +91,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   n = num_examples(inputs)
   chunk = resolve_chunk_size(chunk_size, n, SIG_CHUNK_SIZE)
   leaves, treedef = jax.tree_util.tree_flatten(params)
+  out = check_model(apply_fn, params, inputs)
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
   plan = _jaxpr.trace(apply_fn, params, example)
   names = _jaxpr.leaf_paths(params)
@@ -100,11 +102,10 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
     reasons = plan.blocked[i]
     raise ValueError(f"sig cannot see how parameter {names[i]!r} enters the model: it is "
                      f"used by primitive {reasons[0]!r}; sig follows dot_general, conv, mul, "
-                     "gather, add and sub (through jit, remat and layout ops)")
+                     "gather, add and sub (through jit, remat, scan and layout ops)")
   sites = plan.sites(floats)
   if mask is not None:
     mask = jnp.asarray(mask, jnp.float32)
-    out = jax.eval_shape(apply_fn, params, example)
     if mask.ndim < 2 or mask.shape[0] != n or out.shape[1:mask.ndim] != mask.shape[1:]:
       raise ValueError(f"mask has shape {mask.shape}, expected ({n}, P...) with P the "
                        f"leading positions of the outputs, whose shape is {out.shape[1:]} "
@@ -118,7 +119,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
     return other if use.prim == "gather" else jnp.abs(_jaxpr.as_f32(other))
 
   def position_weights(m, shape, use):
-    """``m`` [P...] shaped to broadcast against a per-example signal ``shape`` (1, P..., rest)."""
+    """``m`` [P...] shaped to broadcast against one iteration's signal ``shape`` (1, P..., rest)."""
     if tuple(shape[1:1 + m.ndim]) != m.shape:
       raise ValueError(f"sig with a mask: parameter {names[use.leaf]!r} meets a signal of "
                        f"shape {tuple(shape[1:])} per example, which does not start with the "
@@ -126,57 +127,64 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
     return m.reshape((1,) + m.shape + (1,) * (len(shape) - 1 - m.ndim))
 
   def one_example(x_leaves, m):
-    caps, weights = {}, {}
-
     def hook(use, invals, out):
       c = signal(use, invals, out)
       if m is not None and use.prim == "gather":  # indices: weight the rows they pick
-        weights[use.site] = position_weights(m, out.shape, use)
-      elif m is not None:
+        return c, position_weights(m, out.shape, use)
+      if m is not None:
         c = c * position_weights(m, c.shape, use)
-      caps[use.site] = c
-      return out
+      return c, None
 
-    _jaxpr.evaluate(plan, leaves, [a[None] for a in x_leaves], hook, sites)
-    return caps, weights
+    return _jaxpr.evaluate(plan, leaves, [a[None] for a in x_leaves], hook, sites)[1]
 
   def body(chunk_data):
     x, m, v = chunk_data
-    caps, weights = jax.vmap(one_example)(jax.tree_util.tree_leaves(x), m)
+    caps = jax.vmap(one_example)(jax.tree_util.tree_leaves(x), m)
     acc = {}
     for u in sites:
-      c = caps[u.site]
+      c, weights = caps[u.site]  # [chunk, *loops, ...]
       if u.prim == "gather":
         # not linear in the indices: count rows per chunk (ones masked by valid)
         w0 = jnp.zeros(u.eqn.invars[0].aval.shape, jnp.float32)
         out_shape = u.eqn.outvars[0].aval.shape
-        ones = jnp.broadcast_to(v.reshape((-1,) + (1,) * len(out_shape)),
-                                (c.shape[0],) + out_shape)
-        if u.site in weights:
-          ones = ones * weights[u.site]
-        gather = lambda w: jax.vmap(lambda i: _jaxpr.bind_f32(u, [w, i]))(c)
-        (acc[u.site],) = jax.vjp(gather, w0)[1](ones.astype(jnp.float32))
+        ones = jnp.broadcast_to(v.reshape((-1,) + (1,) * (len(u.loops) + len(out_shape))),
+                                c.shape[:1 + len(u.loops)] + out_shape)
+        if weights is not None:
+          ones = ones * weights
+
+        def rows(i, o):  # one iteration: the chunk's indices [chunk, ...] -> row counts
+          gather = lambda w: jax.vmap(lambda ib: _jaxpr.bind_f32(u, [w, ib]))(i)
+          return jax.vjp(gather, w0)[1](o.astype(jnp.float32))[0]
+
+        inner = lambda a: jnp.moveaxis(a, 0, len(u.loops))
+        acc[u.site] = _jaxpr.looped(u, rows)(inner(c), inner(ones))
       else:  # op is linear in the signal too: sum |signal| over examples first
         acc[u.site] = jnp.tensordot(v, c, axes=1)
     return acc
 
-  init = {u.site: jnp.zeros(u.eqn.invars[0].aval.shape if u.prim == "gather" else
-                            (u.eqn.outvars[0] if u.additive else
-                             u.eqn.invars[1 - u.operand]).aval.shape, jnp.float32)
+  init = {u.site: jnp.zeros(u.loops + (u.eqn.invars[0].aval.shape if u.prim == "gather" else
+                                       (u.eqn.outvars[0] if u.additive else
+                                        u.eqn.invars[1 - u.operand]).aval.shape), jnp.float32)
           for u in sites}
   sums = scan_chunks(body, init, (x_chunks, m_chunks, valid))
 
   imp = [jnp.zeros(jnp.shape(l), jnp.float32) for l in leaves]
   for u in sites:
-    back = _jaxpr.chain_transpose(u.chain, jnp.shape(leaves[u.leaf]))
+    back = _jaxpr.path_transpose(u.path, jnp.shape(leaves[u.leaf]))
     s = sums[u.site]
     if u.additive:  # reduce |y| to the operand's shape (the add may broadcast it); sub negates
-      imp[u.leaf] = imp[u.leaf] + back(jnp.abs(_jaxpr.operand_grad(u, None, s)))
+      g = _jaxpr.looped(u, lambda sl: jnp.abs(_jaxpr.operand_grad(u, None, sl)))(s)
+      imp[u.leaf] = imp[u.leaf] + back(g)
       continue
     if u.prim != "gather":
       ones = jnp.ones(u.eqn.outvars[0].aval.shape, jnp.float32)
-      op = lambda w: _jaxpr.bind_f32(u, [w if k == u.operand else s for k in range(2)])
-      (s,) = jax.vjp(op, jnp.zeros(u.eqn.invars[u.operand].aval.shape, jnp.float32))[1](ones)
+      w0 = jnp.zeros(u.eqn.invars[u.operand].aval.shape, jnp.float32)
+
+      def reach(sl):  # one iteration: total |signal| reaching each entry of the operand
+        op = lambda w: _jaxpr.bind_f32(u, [w if k == u.operand else sl for k in range(2)])
+        return jax.vjp(op, w0)[1](ones)[0]
+
+      s = _jaxpr.looped(u, reach)(s)
     w = jnp.abs(_jaxpr.as_f32(jnp.asarray(leaves[u.leaf])))
     imp[u.leaf] = imp[u.leaf] + w * back(s)
   return jax.tree_util.tree_unflatten(treedef, [i / n for i in imp])
