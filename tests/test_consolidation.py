@@ -165,6 +165,56 @@ def test_implicit_ewc_stays_stable_where_explicit_ewc_diverges():
   assert run(optax.chain(optax.sgd(lr), wj.implicit_ewc(anchor, imp, lam, learning_rate=lr))) < 1e-3
 
 
+def test_implicit_ewc_needs_a_learning_rate():
+  # No default: a default of 1.0 silently measured lambda against a unit step.
+  with pytest.raises(TypeError, match="learning_rate"):
+    wj.implicit_ewc(PARAMS, IMP, 1.0)
+  with pytest.raises(ValueError, match="learning_rate must be finite and >= 0, got -0.1"):
+    wj.implicit_ewc(PARAMS, IMP, 1.0, learning_rate=-0.1)
+
+
+def test_implicit_ewc_takes_the_optimizers_schedule():
+  sched = optax.linear_schedule(0.2, 0.02, transition_steps=3)
+  lam = 4.0
+  anchor = jax.tree_util.tree_map(lambda p: p * 0.0 + 0.2, PARAMS)
+  tx = optax.chain(optax.sgd(sched), wj.implicit_ewc(anchor, IMP, lam, learning_rate=sched))
+  step = jax.jit(tx.update)
+  params, state = PARAMS, tx.init(PARAMS)
+  for k in range(5):
+    u, state = step(GRADS, state, params)
+    eta = float(sched(k))  # the step size optax.sgd(sched) used at this step
+    for key in IMP:
+      p, g, i, a = (np.asarray(t[key], np.float64) for t in (params, GRADS, IMP, anchor))
+      new = p + np.asarray(u[key])
+      np.testing.assert_allclose(new - (p - eta * g - eta * lam * i * (new - a)), 0.0, atol=1e-6)
+    params = optax.apply_updates(params, u)
+  assert int(state[1].count) == 5
+  # swapping a new task's values keeps the count (and the compiled step)
+  state = wj.set_importance(wj.set_anchor(state, params), IMP)
+  assert int(state[1].count) == 5
+  _, state = step(GRADS, state, params)
+  assert int(state[1].count) == 6
+  assert step._cache_size() == 1
+  # a constant learning rate keeps no count
+  assert wj.implicit_ewc(anchor, IMP, lam, learning_rate=0.1).init(PARAMS).count is None
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_wva_adam_passes_adam_options_through(nesterov):
+  opts = dict(b1=0.8, b2=0.99, eps=1e-3, eps_root=1e-4, mu_dtype=jnp.bfloat16, nesterov=nesterov)
+  lr = optax.exponential_decay(0.1, transition_steps=1, decay_rate=0.5)
+  ours, ref = wj.wva_adam(lr, IMP, 2.0, **opts), optax.adam(lr, **opts)
+  s_ours, s_ref = ours.init(PARAMS), ref.init(PARAMS)
+  assert all(m.dtype == jnp.bfloat16 for m in jax.tree_util.tree_leaves(s_ours[0][0].mu))
+  rng = np.random.default_rng(0)
+  for _ in range(4):
+    g = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), PARAMS)
+    u_ours, s_ours = ours.update(g, s_ours, PARAMS)
+    u_ref, s_ref = ref.update(g, s_ref, PARAMS)
+    for k in IMP:
+      np.testing.assert_allclose(u_ours[k], np.asarray(u_ref[k]) / (1 + 2.0 * np.asarray(IMP[k])), rtol=1e-6)
+
+
 def test_inject_hyperparams_strength():
   tx = optax.inject_hyperparams(wj.wva_scale, static_args=("viscosity",))(IMP, strength=1.0)
   state = tx.init(PARAMS)
@@ -182,22 +232,45 @@ def test_multisteps_accumulates_then_attenuates():
   u2, state = tx.update(GRADS, state, PARAMS)
   jax.tree_util.tree_map(lambda x, g, i: np.testing.assert_allclose(x, -np.asarray(g) / (1 + np.asarray(i)), rtol=1e-6),
                          u2, GRADS, IMP)
+  # set_importance reaches the WVA state inside MultiSteps: with zero
+  # importance the next accumulated step is plain SGD.
   state = wj.set_importance(state, jax.tree_util.tree_map(jnp.zeros_like, IMP))
+  _, state = tx.update(GRADS, state, PARAMS)
+  u4, state = tx.update(GRADS, state, PARAMS)
+  jax.tree_util.tree_map(lambda x, g: np.testing.assert_allclose(x, -np.asarray(g), rtol=1e-6), u4, GRADS)
 
 
 def test_bf16_params_keep_dtype_and_math_is_float32():
   p16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), PARAMS)
   g16 = jax.tree_util.tree_map(lambda g: g.astype(jnp.bfloat16), GRADS)
   for tx in (wj.wva_adam(0.01, IMP, 1.0), optax.chain(wj.add_ewc(PARAMS, IMP, 1.0), optax.sgd(0.1)),
-             optax.chain(optax.sgd(0.1), wj.implicit_ewc(PARAMS, IMP, 1.0))):
+             optax.chain(optax.sgd(0.1), wj.implicit_ewc(PARAMS, IMP, 1.0, learning_rate=0.1))):
     state = tx.init(p16)
     u, state = tx.update(g16, state, p16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(u))
   st = wj.wva_sgd(0.1, IMP, 1.0).init(p16)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(st[1].importance))
-  # The attenuation itself is computed in float32: 1/(1+10) is not rounded to bf16 before use.
-  u, _ = wj.wva_scale(IMP, 1.0).update({"a": jnp.ones(4, jnp.float32), "b": jnp.ones((1, 2))}, wj.wva_scale(IMP, 1.0).init(PARAMS))
-  np.testing.assert_allclose(u["a"], 1 / (1 + np.asarray(IMP["a"])), rtol=1e-7)
+
+
+@pytest.mark.parametrize("viscosity,factor", [("hyperbolic", lambda i: 1 / (1 + i)),
+                                              ("exponential", lambda i: np.exp(-i))])
+def test_attenuation_is_float32_for_a_bfloat16_importance(viscosity, factor):
+  # A bf16 importance (given in bf16 and stored in bf16): the factor is still
+  # computed in float32, e.g. 1/(1+10) is not rounded to bf16's 8 bits.
+  imp16 = jax.tree_util.tree_map(lambda i: i.astype(jnp.bfloat16), IMP)  # these values are exact in bf16
+  tx = wj.wva_scale(imp16, 1.0, viscosity=viscosity, importance_dtype=jnp.bfloat16)
+  state = tx.init(PARAMS)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(state.importance))
+  ones = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, jnp.float32), PARAMS)
+  u, _ = tx.update(ones, state)
+  a_bf16 = wj.attenuation(imp16, 1.0, viscosity)
+  for k in IMP:
+    exact = factor(np.asarray(IMP[k], np.float64))
+    np.testing.assert_allclose(u[k], exact, rtol=1e-6)
+    np.testing.assert_allclose(a_bf16[k], exact, rtol=1e-6)
+    assert u[k].dtype == jnp.float32
+  # ...which bf16 arithmetic would miss by far more than that tolerance:
+  assert abs(float(jnp.asarray(1 / 11, jnp.bfloat16)) * 11 - 1) > 1e-4
 
 
 def test_traced_strength_under_vmap():
@@ -255,7 +328,7 @@ def test_nnx_optimizer_and_in_place_set_importance():
 @pytest.mark.parametrize("make", [
     lambda dt: wj.wva_scale(IMP, 2.0, importance_dtype=dt),
     lambda dt: wj.add_ewc(PARAMS, IMP, 2.0, importance_dtype=dt),
-    lambda dt: wj.implicit_ewc(PARAMS, IMP, 2.0, importance_dtype=dt),
+    lambda dt: wj.implicit_ewc(PARAMS, IMP, 2.0, learning_rate=1.0, importance_dtype=dt),
 ])
 def test_bfloat16_importance_storage(make):
   tx16, tx32 = make(jnp.bfloat16), make(jnp.float32)

@@ -15,7 +15,7 @@ GOOD = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
 @pytest.mark.parametrize("factory", [
     lambda imp: wj.wva_scale(imp, 1.0),
     lambda imp: wj.add_ewc(PARAMS, imp, 1.0),
-    lambda imp: wj.implicit_ewc(PARAMS, imp, 1.0),
+    lambda imp: wj.implicit_ewc(PARAMS, imp, 1.0, learning_rate=0.1),
 ])
 @pytest.mark.parametrize("bad,match", [
     ({"w": -jnp.ones((3, 2)), "b": jnp.ones(2)}, r"importance\['w'\] has negative"),
@@ -130,7 +130,7 @@ def test_path_integral_and_si_errors():
     opt.update(PARAMS, state)
   with pytest.raises(ValueError, match="exactly one PathIntegralState, found 0"):
     wj.importance.si(optax.sgd(0.1).init(PARAMS), PARAMS)
-  with pytest.raises(ValueError, match="damping must be finite and >= 0, got -1.0"):
+  with pytest.raises(ValueError, match="damping must be finite and > 0, got -1.0"):
     wj.importance.si(state, PARAMS, damping=-1.0)
 
 

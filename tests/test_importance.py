@@ -108,14 +108,18 @@ def test_mas_sequence_with_padding_mask(engine):
                        got)
 
 
-def test_mas_takes_abs_per_example_not_of_the_batch_gradient():
+@pytest.mark.parametrize("fn", [lambda p, x: x @ p["w"] + 1.0,      # dense: the fast engine
+                                lambda p, x: jnp.tanh(p["w"][0] * x) + 1.0],  # elementwise
+                         ids=["dense", "elementwise"])
+def test_mas_takes_abs_per_example_not_of_the_batch_gradient(fn):
   params = {"w": jnp.array([[1.0]])}
-  x = jnp.array([[1.0], [-1.0]])
-  # Per example d(w x)^2/dw = 2 w x^2 = 2 for both; equal signs here, so use a
-  # function whose per-example gradients cancel: f = w * x (odd in x) squared
-  # is even, so build one that is odd: ||w*x + x||^2 has grad 2 (w+1) x^2.
-  fn = lambda p, x: jnp.sin(p["w"] * x) * x
+  # d||f(w, x)||^2/dw has opposite signs for these two examples (for the
+  # dense one, 2 (x w + 1) x = 1.5 and -0.5): the mean of the absolute values
+  # differs from the absolute value of the mean, so the test can fail.
+  x = jnp.array([[0.5], [-0.5]])
   per_ex = [float(jax.grad(lambda p: jnp.sum(fn(p, x[b:b + 1]) ** 2))(params)["w"][0, 0]) for b in range(2)]
+  assert per_ex[0] * per_ex[1] < 0
+  assert np.mean(np.abs(per_ex)) > 1.5 * abs(np.mean(per_ex))
   got = float(wj.importance.mas(fn, params, x)["w"][0, 0])
   assert got == pytest.approx(np.mean(np.abs(per_ex)), rel=1e-6)
 
@@ -180,6 +184,17 @@ def test_path_integral_matches_manual_loop_and_si_formula():
   np.testing.assert_array_equal(restarted.start["w"], params["w"])
 
 
+@pytest.mark.parametrize("damping", [0.0, -0.1, float("nan"), np.float32(0.0), jnp.float32(0.0)])
+def test_si_rejects_damping_that_is_not_positive(damping):
+  # damping 0 turns a weight that never moved into 0/0 = NaN importance.
+  params = {"w": jnp.array([1.0, 1.0])}
+  opt = wj.importance.path_integral(optax.sgd(1.0))
+  _, state = opt.update({"w": jnp.array([0.5, 0.0])}, opt.init(params), params)
+  with pytest.raises(ValueError, match=f"damping must be finite and > 0, got {float(damping)}"):
+    wj.importance.si(state, params, damping=damping)
+  assert np.isfinite(np.asarray(wj.importance.si(state, params, damping=1e-8)["w"])).all()
+
+
 def test_combine_accumulate_decay_normalize():
   a, b = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 0.0])}
   np.testing.assert_allclose(wj.importance.accumulate(a, b)["w"], [4.0, 2.0])
@@ -190,3 +205,17 @@ def test_combine_accumulate_decay_normalize():
   assert float(sum(v.sum() for v in jax.tree_util.tree_leaves(mean_n))) == pytest.approx(4.0)
   np.testing.assert_allclose(wj.importance.normalize(two, by="max")["y"], [[1 / 3, 1.0]])
   np.testing.assert_allclose(wj.importance.normalize({"z": jnp.zeros(2)})["z"], [0.0, 0.0])
+
+
+@pytest.mark.parametrize("gamma", [1.5, np.float32(1.5), np.array(1.5), jnp.float32(1.5), jnp.array(1.5)],
+                         ids=["python", "numpy-scalar", "numpy-0d", "jax-scalar", "jax-0d"])
+def test_decay_rejects_a_factor_above_one_whatever_its_type(gamma):
+  a, b = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 0.0])}
+  with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\], got 1.5"):
+    wj.importance.decay(a, b, gamma)
+
+
+def test_decay_traced_factor_is_not_checked_and_works_under_jit():
+  a, b = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 0.0])}
+  got = jax.jit(wj.importance.decay)(a, b, jnp.float32(0.5))
+  np.testing.assert_allclose(got["w"], [3.5, 1.0])

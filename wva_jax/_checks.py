@@ -8,34 +8,60 @@ validated factory stays traceable (the experiments build optimizers inside
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def is_concrete(x) -> bool:
+def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_strength(strength, name: str = "strength"):
-  if isinstance(strength, (str, bytes)) or strength is None:
-    raise TypeError(f"{name} must be a number, got {strength!r}")
-  if is_concrete(strength):
-    arr = np.asarray(strength)
-    if arr.shape != ():
-      raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
-    value = float(arr)
-    if math.isnan(value) or math.isinf(value) or value < 0:
-      raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+def concrete_scalar(value: Any, name: str) -> float | None:
+  """``float(value)`` for a concrete number (Python, NumPy or JAX scalar); ``None`` when traced.
+
+  A string, ``None`` or a non-scalar raises, naming ``name``.
+  """
+  if isinstance(value, (str, bytes)) or value is None:
+    raise TypeError(f"{name} must be a number, got {value!r}")
+  if not is_concrete(value):
+    return None
+  arr = np.asarray(value)
+  if arr.shape != ():
+    raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
+  return float(arr)
 
 
-def check_choice(value, choices, name: str):
+def check_strength(strength: Any, name: str = "strength") -> None:
+  """A finite scalar >= 0 (checked when concrete; a traced value passes)."""
+  value = concrete_scalar(strength, name)
+  if value is not None and (math.isnan(value) or math.isinf(value) or value < 0):
+    raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+
+def check_positive(value: Any, name: str) -> None:
+  """A finite scalar > 0 (checked when concrete; a traced value passes)."""
+  v = concrete_scalar(value, name)
+  if v is not None and not (math.isfinite(v) and v > 0):
+    raise ValueError(f"{name} must be finite and > 0, got {v!r}")
+
+
+def check_scalar_or_schedule(value: Any, name: str) -> None:
+  """An ``optax.ScalarOrSchedule``: a callable of the step count, or a scalar >= 0."""
+  if not callable(value):
+    check_strength(value, name)
+
+
+def check_choice(value: Any, choices: Iterable[Any], name: str) -> None:
+  choices = tuple(choices)
   if value not in choices:
-    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_like_params(tree, params, name: str):
+def check_like_params(tree: Any, params: Any, name: str) -> None:
   """Same tree structure and leaf shapes as ``params``, else a ValueError naming the path."""
   t_def = jax.tree_util.tree_structure(tree)
   p_def = jax.tree_util.tree_structure(params)
@@ -48,7 +74,7 @@ def check_like_params(tree, params, name: str):
                        f"but the parameter has shape {jnp.shape(p)}")
 
 
-def check_importance_values(tree, name: str = "importance"):
+def check_importance_values(tree: Any, name: str = "importance") -> None:
   """Importance must be finite and >= 0 (checked on concrete leaves only)."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not is_concrete(leaf):
@@ -63,7 +89,7 @@ def check_importance_values(tree, name: str = "importance"):
       raise ValueError(f"{where} has negative entries (min {arr.min()!r}); importance must be >= 0")
 
 
-def check_finite(tree, name: str):
+def check_finite(tree: Any, name: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if is_concrete(leaf) and not np.isfinite(np.asarray(leaf, dtype=np.float32)).all():
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains NaN or inf")

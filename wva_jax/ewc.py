@@ -6,8 +6,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
-from wva_jax._checks import check_finite, check_importance_values, check_like_params, check_strength
+from wva_jax._checks import (check_finite, check_importance_values, check_like_params,
+                             check_scalar_or_schedule, check_strength)
 from wva_jax.wva import check_storage_dtype, init_importance
 
 
@@ -16,13 +18,17 @@ class EWCState(NamedTuple):
 
   Both live in the state so :func:`wva_jax.set_anchor` and
   :func:`wva_jax.set_importance` swap in a new task's values without
-  recompiling.
+  recompiling. ``count`` is the step count (int32) that an
+  :func:`implicit_ewc` with a learning-rate schedule evaluates the schedule
+  at; ``None`` otherwise.
   """
   anchor: Any
   importance: Any
+  count: Any = None
 
 
-def ewc_penalty(params, anchor, importance, strength):
+def ewc_penalty(params: optax.Params, anchor: optax.Params, importance: optax.Params,
+                strength: ArrayLike) -> jax.Array:
   r"""The EWC penalty :math:`\frac{\lambda}{2} \sum_i \Omega_i (\theta_i - \theta^*_i)^2`.
 
   Add it to the task loss; computed in float32 whatever the params' dtype.
@@ -67,8 +73,8 @@ def _ewc_factory(anchor, importance, strength, importance_dtype):
   return init_fn
 
 
-def add_ewc(anchor, importance, strength, *, importance_dtype=None
-            ) -> optax.GradientTransformation:
+def add_ewc(anchor: optax.Params | None, importance: optax.Params | None, strength: ArrayLike,
+            *, importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   r"""Adds the gradient of the EWC penalty to the updates: ``g + lambda * imp * (theta - anchor)``.
 
   Put it first in a chain, so every optimizer (SGD, Adam, anything) sees the
@@ -110,8 +116,9 @@ def add_ewc(anchor, importance, strength, *, importance_dtype=None
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def implicit_ewc(anchor, importance, strength, *, learning_rate=1.0,
-                 importance_dtype=None) -> optax.GradientTransformation:
+def implicit_ewc(anchor: optax.Params | None, importance: optax.Params | None,
+                 strength: ArrayLike, *, learning_rate: optax.ScalarOrSchedule,
+                 importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   r"""Implicit (proximal) EWC: the unconditionally stable step of the EWC penalty.
 
   Explicit EWC with SGD takes :math:`\theta_{k+1} = \theta_k - \eta\nabla L -
@@ -140,8 +147,18 @@ def implicit_ewc(anchor, importance, strength, *, learning_rate=1.0,
     importance: like params, >= 0, or ``None`` for zeros.
     strength: ``lambda`` >= 0.
     learning_rate: ``eta``, the step size that ``lambda`` is measured
-      against (with SGD, its learning rate; with Adam, absorb it into
-      ``strength``).
+      against: pass the float or ``optax`` schedule you gave the optimizer
+      it follows, and ``strength`` means what it means in :func:`add_ewc`
+      and :func:`ewc_penalty`. A schedule is evaluated at this
+      transformation's own step count (kept in the state), which is the
+      count ``optax.sgd(schedule)`` uses when both see every update. With an
+      adaptive optimizer (Adam), whose preconditioner the implicit step does
+      not model, pass ``learning_rate=1.0`` and give ``strength`` as
+      ``eta * lambda`` directly: the attenuation's own units, as in
+      :func:`wva_jax.wva_scale`. It has no default, as in every optax
+      optimizer: a default of 1.0 would silently measure ``lambda`` against
+      a step of 1, a pull 100x stronger than :func:`add_ewc`'s under
+      ``optax.sgd(0.01)``.
     importance_dtype: storage dtype of the importance.
 
   Example:
@@ -152,16 +169,32 @@ def implicit_ewc(anchor, importance, strength, *, learning_rate=1.0,
     >>> u, _ = tx.update({'w': jnp.zeros(1)}, tx.init(params), params)
     >>> round(float(u['w'][0]), 6)   # a = 1/2: halfway back to the anchor
     -0.5
+
+    With a schedule (the same one the optimizer gets):
+
+    >>> lr = optax.linear_schedule(0.1, 0.0, transition_steps=10)
+    >>> tx = optax.chain(optax.sgd(lr), wj.implicit_ewc(None, None, 10.0, learning_rate=lr))
+    >>> state = tx.init(params)
   """
-  check_strength(learning_rate, "learning_rate")
-  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype)
+  check_scalar_or_schedule(learning_rate, "learning_rate")
+  base_init = _ewc_factory(anchor, importance, strength, importance_dtype)
+  scheduled = callable(learning_rate)
+
+  def init_fn(params):
+    state = base_init(params)
+    return state._replace(count=jnp.zeros([], jnp.int32)) if scheduled else state
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("implicit_ewc needs params in update(...)")
+    if scheduled:
+      eta = learning_rate(state.count)
+      state = state._replace(count=optax.safe_int32_increment(state.count))
+    else:
+      eta = learning_rate
 
     def step(u, p, a, i):
-      att = 1.0 / (1.0 + learning_rate * strength * i.astype(jnp.float32))
+      att = 1.0 / (1.0 + eta * strength * i.astype(jnp.float32))
       off = p.astype(jnp.float32) - a.astype(jnp.float32)
       return (att * u.astype(jnp.float32) - (1.0 - att) * off).astype(u.dtype)
 

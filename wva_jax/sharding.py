@@ -16,11 +16,16 @@ device reduces its own examples and XLA adds the cross-device sum.
 """
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
-def fsdp_shardings(params, mesh: Mesh, axis: str = "fsdp"):
+def fsdp_shardings(params: optax.Params, mesh: Mesh, axis: str = "fsdp") -> Any:
   """A ``NamedSharding`` per leaf: its largest dimension divisible by the axis size is split.
 
   Leaves with no such dimension (scalars, odd sizes) are replicated.
@@ -47,9 +52,37 @@ def fsdp_shardings(params, mesh: Mesh, axis: str = "fsdp"):
   return jax.tree_util.tree_map(one, params)
 
 
-def state_shardings(opt_state, param_shardings, mesh: Mesh):
+def _fits(x: Any, sharding: Any, shape: tuple[int, ...] | None) -> bool:
+  """Whether leaf ``x`` can take ``sharding`` (and, given ``shape``, has exactly that shape)."""
+  if not hasattr(x, "shape"):
+    return False
+  if shape is not None:
+    return tuple(x.shape) == tuple(shape)
+  spec = getattr(sharding, "spec", None)
+  if spec is None:
+    return True
+  if len(spec) > len(x.shape):
+    return False
+  for dim, names in zip(x.shape, spec):
+    if names is None:
+      continue
+    names = names if isinstance(names, tuple) else (names,)
+    if dim % math.prod(sharding.mesh.shape[n] for n in names):
+      return False
+  return True
+
+
+def state_shardings(opt_state: optax.OptState, param_shardings: Any, mesh: Mesh, *,
+                    params: optax.Params | None = None) -> Any:
   """Shardings for an optimizer state (or its ``jax.eval_shape``): params-shaped trees like the params.
 
+  A subtree of the state takes the params' shardings when it has the params'
+  tree structure *and* each of its leaves fits its parameter's sharding: the
+  same shape as the parameter when ``params`` (arrays or
+  ``jax.ShapeDtypeStruct``, e.g. ``jax.eval_shape`` of the initialiser) is
+  given, else a rank and sizes the sharding can split. Structure alone is not
+  enough: with a bare array as params every state leaf has the params'
+  structure, and Adam's scalar step count must not get a matrix's sharding.
   Scalars and any other leaf (Adam's step count, ...) are replicated.
 
   Example:
@@ -64,17 +97,29 @@ def state_shardings(opt_state, param_shardings, mesh: Mesh):
     True
   """
   pdef = jax.tree_util.tree_structure(param_shardings)
-  is_params = lambda x: x is not None and jax.tree_util.tree_structure(x) == pdef
+  sharding_leaves = pdef.flatten_up_to(param_shardings)
+  if params is None:
+    shapes: list[Any] = [None] * len(sharding_leaves)
+  else:
+    shapes = [tuple(getattr(p, "shape", None) or jax.numpy.shape(p))
+              for p in pdef.flatten_up_to(params)]
+
+  def is_params(x: Any) -> bool:
+    if x is None or jax.tree_util.tree_structure(x) != pdef:
+      return False
+    return all(_fits(leaf, sh, shape) for leaf, sh, shape
+               in zip(pdef.flatten_up_to(x), sharding_leaves, shapes))
+
   replicated = NamedSharding(mesh, P())
   return jax.tree_util.tree_map(lambda sub: param_shardings if is_params(sub) else replicated,
                                 opt_state, is_leaf=is_params)
 
 
-def shard_like_params(tree, param_shardings):
+def shard_like_params(tree: optax.Params, param_shardings: Any) -> optax.Params:
   """``jax.device_put`` of a params-shaped tree (importance, anchor) with the params' shardings."""
   return jax.device_put(tree, param_shardings)
 
 
-def specs(tree):
+def specs(tree: Any) -> Any:
   """The ``PartitionSpec`` of each array leaf (``None`` for a non-named sharding)."""
   return jax.tree_util.tree_map(lambda x: getattr(x.sharding, "spec", None), tree)

@@ -1,14 +1,19 @@
 """Swapping a new task's importance or anchor into an existing optimizer state."""
 from __future__ import annotations
 
+from typing import TypeVar
+
 import jax
 import jax.numpy as jnp
+import optax
 
 from wva_jax._checks import check_finite, check_importance_values, check_like_params
 from wva_jax.ewc import EWCState
 from wva_jax.wva import WVAState
 
 _IMPORTANCE_STATES = (WVAState, EWCState)
+# An optax state (or an ``nnx.Optimizer``, updated in place), returned as the same type.
+_S = TypeVar("_S")
 
 
 def _nnx_variable_type():
@@ -76,7 +81,7 @@ def _replace(opt_state, types, field: str, value, check):
   return new_state
 
 
-def set_importance(opt_state, importance):
+def set_importance(opt_state: _S, importance: optax.Params) -> _S:
   """Returns ``opt_state`` with every WVA/EWC importance replaced by ``importance``.
 
   The tree structure and dtypes of the state are unchanged, so a jitted step
@@ -92,7 +97,7 @@ def set_importance(opt_state, importance):
   return _replace(opt_state, _IMPORTANCE_STATES, "importance", importance, check_importance_values)
 
 
-def set_anchor(opt_state, anchor):
+def set_anchor(opt_state: _S, anchor: optax.Params) -> _S:
   """Returns ``opt_state`` with every EWC anchor replaced by ``anchor`` (e.g. the current params).
 
   Example:

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
 from wva_jax._checks import (check_choice, check_importance_values,
                              check_like_params, check_strength)
@@ -22,7 +23,8 @@ class WVAState(NamedTuple):
   importance: Any
 
 
-def attenuation(importance, strength, viscosity: str = "hyperbolic"):
+def attenuation(importance: optax.Params, strength: ArrayLike,
+                viscosity: str = "hyperbolic") -> optax.Params:
   r"""The per-parameter factor ``a``: ``1/(1+strength*imp)`` or ``exp(-strength*imp)``.
 
   Example:
@@ -38,7 +40,7 @@ def attenuation(importance, strength, viscosity: str = "hyperbolic"):
   return jax.tree_util.tree_map(f, importance)
 
 
-def check_storage_dtype(dtype):
+def check_storage_dtype(dtype: DTypeLike | None) -> jnp.dtype:
   # None (float32) rather than a dtype default: optax.inject_hyperparams would
   # take a dtype object for a numeric hyperparameter.
   if dtype is None:
@@ -48,7 +50,8 @@ def check_storage_dtype(dtype):
   return jnp.dtype(dtype)
 
 
-def init_importance(importance, params, dtype=jnp.float32, name: str = "importance"):
+def init_importance(importance: optax.Params | None, params: optax.Params,
+                    dtype: DTypeLike = jnp.float32, name: str = "importance") -> optax.Params:
   """Validated importance for a state, stored in ``dtype``; ``None`` means zeros."""
   if importance is None:
     # zeros_like keeps each parameter's sharding (jnp.zeros would put it on one device).
@@ -57,8 +60,9 @@ def init_importance(importance, params, dtype=jnp.float32, name: str = "importan
   return jax.tree_util.tree_map(lambda i: jnp.asarray(i, dtype), importance)
 
 
-def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic",
-              importance_dtype=None) -> optax.GradientTransformation:
+def wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
+              viscosity: str = "hyperbolic", importance_dtype: DTypeLike | None = None
+              ) -> optax.GradientTransformation:
   r"""Scales each update by an attenuation that falls with the parameter's importance.
 
   .. math::
@@ -133,8 +137,9 @@ def wva_scale(importance, strength=1.0, *, viscosity: str = "hyperbolic",
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def wva_sgd(learning_rate, importance=None, strength=1.0, *, viscosity: str = "hyperbolic",
-            importance_dtype=None) -> optax.GradientTransformation:
+def wva_sgd(learning_rate: optax.ScalarOrSchedule, importance: optax.Params | None = None,
+            strength: ArrayLike = 1.0, *, viscosity: str = "hyperbolic",
+            importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   """SGD (no momentum) with WVA: ``optax.chain(optax.sgd(lr), wva_scale(...))``.
 
   Example:
@@ -146,19 +151,25 @@ def wva_sgd(learning_rate, importance=None, strength=1.0, *, viscosity: str = "h
                                                         importance_dtype=importance_dtype))
 
 
-def wva_adam(learning_rate, importance=None, strength=1.0, *, viscosity: str = "hyperbolic",
-             b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-             importance_dtype=None) -> optax.GradientTransformation:
+def wva_adam(learning_rate: optax.ScalarOrSchedule, importance: optax.Params | None = None,
+             strength: ArrayLike = 1.0, *, viscosity: str = "hyperbolic",
+             b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+             mu_dtype: DTypeLike | None = None, nesterov: bool = False,
+             importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   """Adam with WVA on its increments: ``optax.chain(optax.adam(...), wva_scale(...))``.
 
   The attenuation comes after Adam's normalisation, which would otherwise
-  cancel it (see :func:`wva_scale`).
+  cancel it (see :func:`wva_scale`). ``learning_rate`` (a float or an optax
+  schedule), ``b1``, ``b2``, ``eps``, ``eps_root``, ``mu_dtype`` and
+  ``nesterov`` go to ``optax.adam`` unchanged; the other arguments are
+  :func:`wva_scale`'s.
 
   Example:
     >>> import jax.numpy as jnp, wva_jax as wj
     >>> tx = wj.wva_adam(1e-3, {'w': jnp.ones(3)}, strength=10.0)
     >>> state = tx.init({'w': jnp.zeros(3)})
   """
-  return optax.chain(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+  return optax.chain(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                                mu_dtype=mu_dtype, nesterov=nesterov),
                      wva_scale(importance, strength, viscosity=viscosity,
                                importance_dtype=importance_dtype))

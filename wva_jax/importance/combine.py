@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
 
-from wva_jax._checks import check_choice, check_importance_values, check_like_params, check_strength
+from wva_jax._checks import (check_choice, check_importance_values, check_like_params,
+                             check_strength, concrete_scalar)
 
 
-def accumulate(total, new):
+def accumulate(total: optax.Params | None, new: optax.Params) -> optax.Params:
   """``total + new``: the seed's rule (importance of every past task adds up).
 
   ``total`` may be ``None`` (no task yet), which returns ``new`` in float32.
@@ -20,10 +23,12 @@ def accumulate(total, new):
   return decay(total, new, 1.0)
 
 
-def decay(total, new, gamma: float):
+def decay(total: optax.Params | None, new: optax.Params, gamma: ArrayLike) -> optax.Params:
   r"""Online combination ``gamma * total + new`` (online EWC, Schwarz et al. 2018).
 
   ``gamma`` in [0, 1]: 1 is :func:`accumulate`, 0 keeps the newest task only.
+  A concrete ``gamma`` (Python, NumPy or JAX scalar) outside [0, 1] raises a
+  ``ValueError``; a traced one (under ``jit``/``vmap``) is not checked.
 
   Example:
     >>> import jax.numpy as jnp, wva_jax as wj
@@ -31,8 +36,9 @@ def decay(total, new, gamma: float):
     [1.5, 1.5]
   """
   check_strength(gamma, "gamma")
-  if isinstance(gamma, (int, float)) and gamma > 1:
-    raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+  value = concrete_scalar(gamma, "gamma")
+  if value is not None and value > 1:
+    raise ValueError(f"gamma must be in [0, 1], got {value!r}")
   check_importance_values(new, "new")
   new = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), new)
   if total is None:
@@ -41,7 +47,7 @@ def decay(total, new, gamma: float):
   return jax.tree_util.tree_map(lambda t, n: gamma * t.astype(jnp.float32) + n, total, new)
 
 
-def normalize(importance, by: str = "mean"):
+def normalize(importance: optax.Params, by: str = "mean") -> optax.Params:
   r"""Divides every leaf by one scalar of the whole tree: its ``'mean'`` or ``'max'``.
 
   Fisher, MAS and SIG live on scales orders of magnitude apart; after

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wva_jax._checks import check_like_params, check_strength
+from wva_jax._checks import check_like_params, check_positive
 
 
 class PathIntegralState(NamedTuple):
@@ -89,7 +89,7 @@ def _find_path_states(opt_state):
   return [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_pi) if is_pi(s)]
 
 
-def si(opt_state, params, *, damping: float = 0.1):
+def si(opt_state: optax.OptState, params: optax.Params, *, damping: float = 0.1) -> optax.Params:
   r"""SI importance of the path since the last restart.
 
   .. math::
@@ -102,7 +102,9 @@ def si(opt_state, params, *, damping: float = 0.1):
     opt_state: a state containing exactly one :class:`PathIntegralState`
       (possibly nested in ``optax.chain`` or other states).
     params: the parameters at the end of the task.
-    damping: ``xi`` > 0, keeps the ratio bounded where a weight barely moved.
+    damping: ``xi`` > 0, keeps the ratio bounded where a weight barely moved
+      (0 would divide 0 by 0, NaN, for a weight that never moved, so it is
+      rejected with a ``ValueError``).
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -113,14 +115,15 @@ def si(opt_state, params, *, damping: float = 0.1):
     >>> opt = wj.importance.path_integral(optax.sgd(1.0))
     >>> g = {'w': jnp.array([0.5, -0.5])}   # the loss falls along both weights
     >>> u, state = opt.update(g, opt.init(params), params)
-    >>> wj.importance.si(state, optax.apply_updates(params, u), damping=0.0)['w'].tolist()
-    [1.0, 1.0]
+    >>> # omega = -g * delta = 0.25 and delta**2 = 0.25 for both weights
+    >>> wj.importance.si(state, optax.apply_updates(params, u), damping=0.25)['w'].tolist()
+    [0.5, 0.5]
 
   References:
     Zenke, Poole, Ganguli, "Continual Learning Through Synaptic
     Intelligence", ICML 2017 (eq. 5).
   """
-  check_strength(damping, "damping")
+  check_positive(damping, "damping")
   states = _find_path_states(opt_state)
   if len(states) != 1:
     raise ValueError(f"opt_state must contain exactly one PathIntegralState, found {len(states)}")
