@@ -10,6 +10,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from wva_jax._checks import (check_finite, check_importance_values, check_like_params,
                              check_scalar_or_schedule, check_strength)
+from wva_jax._copy import fresh_tree
 from wva_jax.wva import check_storage_dtype, init_importance
 
 
@@ -66,8 +67,10 @@ def _ewc_factory(anchor, importance, strength, importance_dtype):
     if anchor is not None:
       check_like_params(anchor, params, "anchor")
     # No anchor yet: anchor at the initial params (the penalty is zero anyway
-    # while the importance is zero).
-    return EWCState(anchor=params if anchor is None else anchor,
+    # while the importance is zero). Always a copy, never the caller's buffers:
+    # a step jitted with donate_argnums=(0, 1) would otherwise donate the
+    # params twice (wva_jax/_copy.py).
+    return EWCState(anchor=fresh_tree(params if anchor is None else anchor),
                     importance=init_importance(importance, params, importance_dtype))
 
   return init_fn
@@ -84,7 +87,10 @@ def add_ewc(anchor: optax.Params | None, importance: optax.Params | None, streng
 
   Args:
     anchor: parameters to pull towards (the end of the previous task), or
-      ``None`` to anchor at the params given to ``init``.
+      ``None`` to anchor at the params given to ``init``. ``init`` stores a
+      copy (so params and state can both be donated to a jitted step); for a
+      large model pass ``None`` and :func:`wva_jax.set_anchor` later, so the
+      transform's closure holds no second tree.
     importance: like params, >= 0, or ``None`` for zeros.
     strength: ``lambda`` >= 0 (may be traced).
     importance_dtype: storage dtype of the importance (``jnp.bfloat16`` to

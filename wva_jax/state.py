@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from wva_jax._checks import check_finite, check_importance_values, check_like_params
+from wva_jax._copy import fresh
 from wva_jax.ewc import EWCState
 from wva_jax.wva import WVAState
 
@@ -52,7 +53,7 @@ def _set_in_place(optimizer, types, field: str, value, check):
   for s in targets:
     slots = jax.tree_util.tree_leaves(getattr(s, field), is_leaf=lambda v: isinstance(v, variable))
     for slot, new in zip(slots, new_leaves):
-      slot.set_value(jnp.asarray(new, slot.get_value().dtype))
+      slot.set_value(fresh(new, slot.get_value().dtype))
   return optimizer
 
 
@@ -68,8 +69,10 @@ def _replace(opt_state, types, field: str, value, check):
     old = getattr(s, field)
     check_like_params(value, old, field)
     found.append(s)
-    # Keep the state's dtypes (float32 by default; a lower-precision state stays so).
-    new = jax.tree_util.tree_map(lambda v, o: jnp.asarray(v, jnp.result_type(o)), value, old)
+    # Keep the state's dtypes (float32 by default; a lower-precision state stays so),
+    # in new buffers: one per state, never the caller's (a donated state would
+    # delete the caller's array or donate the params twice).
+    new = jax.tree_util.tree_map(lambda v, o: fresh(v, jnp.result_type(o)), value, old)
     return s._replace(**{field: new})
 
   new_state = jax.tree_util.tree_map(swap, opt_state, is_leaf=is_target)
@@ -88,6 +91,12 @@ def set_importance(opt_state: _S, importance: optax.Params) -> _S:
   taking the state as an argument runs on without retracing. An
   ``flax.nnx.Optimizer`` is updated in place (and returned).
 
+  Each state gets its own copy, never ``importance``'s buffers, so a step
+  jitted with ``donate_argnums=(0, 1)`` (params and state donated) neither
+  deletes the caller's importance nor donates one buffer twice. The copy is
+  the state's own tree: eagerly it costs that tree's bytes once (the old
+  state's tree is freed when the old state is dropped); under ``jit`` nothing.
+
   Example:
     >>> import jax.numpy as jnp, wva_jax as wj
     >>> params = {'w': jnp.zeros(2)}
@@ -99,6 +108,10 @@ def set_importance(opt_state: _S, importance: optax.Params) -> _S:
 
 def set_anchor(opt_state: _S, anchor: optax.Params) -> _S:
   """Returns ``opt_state`` with every EWC anchor replaced by ``anchor`` (e.g. the current params).
+
+  The anchor is a copy, never ``anchor``'s buffers: ``set_anchor(state,
+  params)`` followed by a step jitted with ``donate_argnums=(0, 1)`` would
+  otherwise donate the params twice. The copy is the anchor's own bytes.
 
   Example:
     >>> import jax.numpy as jnp, optax, wva_jax as wj

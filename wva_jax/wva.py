@@ -10,6 +10,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from wva_jax._checks import (check_choice, check_importance_values,
                              check_like_params, check_strength)
+from wva_jax._copy import fresh_tree
 
 VISCOSITIES = ("hyperbolic", "exponential")
 
@@ -57,7 +58,8 @@ def init_importance(importance: optax.Params | None, params: optax.Params,
     # zeros_like keeps each parameter's sharding (jnp.zeros would put it on one device).
     return jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
   check_like_params(importance, params, name)
-  return jax.tree_util.tree_map(lambda i: jnp.asarray(i, dtype), importance)
+  # A copy, never the caller's array: a donated state would delete it (wva_jax/_copy.py).
+  return fresh_tree(importance, dtype)
 
 
 def wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
@@ -96,7 +98,10 @@ def wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
 
   Args:
     importance: a pytree like the params (float32, >= 0), or ``None`` for
-      zeros until :func:`wva_jax.set_importance` swaps one in.
+      zeros until :func:`wva_jax.set_importance` swaps one in. ``init``
+      stores a copy (a donated state must not delete the caller's array);
+      for a large model pass ``None`` and ``set_importance``, so the closure
+      holds no second tree.
     strength: ``lambda`` >= 0 (may be a traced scalar, e.g. under ``vmap``).
     viscosity: ``'hyperbolic'`` or ``'exponential'``.
     importance_dtype: how the state stores the importance: ``None`` for

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from wva_jax._checks import check_like_params, check_positive
+from wva_jax._copy import fresh_tree
 
 
 class PathIntegralState(NamedTuple):
@@ -69,7 +70,7 @@ def path_integral(inner: optax.GradientTransformation
     return PathIntegralState(
         inner_state=inner.init(params),
         omega=jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params),
-        start=params)
+        start=fresh_tree(params))   # a copy: the params may be donated (wva_jax/_copy.py)
 
   def update_fn(updates, state, params=None, *, task_grads=None, **extra_args):
     if params is None:
@@ -137,6 +138,9 @@ def si(opt_state: optax.OptState, params: optax.Params, *, damping: float = 0.1)
 def restart_path(opt_state, params):
   """Zeroes the path integral and sets its start to ``params`` (call at a task's start).
 
+  The start is a copy of ``params`` (a step that donates params and state
+  must not find the same buffer in both).
+
   Example:
     >>> import jax.numpy as jnp, optax, wva_jax as wj
     >>> params = {'w': jnp.ones(2)}
@@ -153,7 +157,8 @@ def restart_path(opt_state, params):
       return s
     found.append(s)
     check_like_params(params, s.omega, "params")
-    return s._replace(omega=jax.tree_util.tree_map(jnp.zeros_like, s.omega), start=params)
+    # start: a copy of params, never the caller's buffers (a donated state would share them).
+    return s._replace(omega=jax.tree_util.tree_map(jnp.zeros_like, s.omega), start=fresh_tree(params))
 
   new_state = jax.tree_util.tree_map(restart, opt_state, is_leaf=is_pi)
   if not found:
