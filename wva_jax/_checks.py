@@ -74,22 +74,43 @@ def check_like_params(tree: Any, params: Any, name: str) -> None:
                        f"but the parameter has shape {jnp.shape(p)}")
 
 
+@jax.jit
+def _device_stats(x: jax.Array) -> tuple[jax.Array, ...]:
+  x = x.astype(jnp.float32)
+  return jnp.isnan(x).sum(), jnp.isinf(x).sum(), (x < 0).sum(), jnp.min(x, initial=jnp.inf)
+
+
+def _value_stats(leaf: Any) -> tuple[int, int, int, np.float32]:
+  """NaN count, inf count, negative count and minimum of a concrete leaf.
+
+  A ``jax.Array`` is reduced where it lives: one spanning several processes
+  (multi-host) cannot be fetched to the host at all, and fetching a large
+  model's tree only to check it would copy all of it.
+  """
+  if isinstance(leaf, jax.Array):
+    nan, inf, neg, lo = _device_stats(leaf)
+    return int(nan), int(inf), int(neg), np.float32(lo)
+  arr = np.asarray(leaf, dtype=np.float32)
+  return (int(np.isnan(arr).sum()), int(np.isinf(arr).sum()), int((arr < 0).sum()),
+          arr.min() if arr.size else np.float32(np.inf))
+
+
 def check_importance_values(tree: Any, name: str = "importance") -> None:
   """Importance must be finite and >= 0 (checked on concrete leaves only)."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not is_concrete(leaf):
       continue
-    arr = np.asarray(leaf, dtype=np.float32)
+    nan, inf, neg, lo = _value_stats(leaf)
     where = f"{name}{jax.tree_util.keystr(path)}"
-    if np.isnan(arr).any():
-      raise ValueError(f"{where} contains NaN ({int(np.isnan(arr).sum())} entries)")
-    if np.isinf(arr).any():
-      raise ValueError(f"{where} contains inf ({int(np.isinf(arr).sum())} entries)")
-    if (arr < 0).any():
-      raise ValueError(f"{where} has negative entries (min {arr.min()!r}); importance must be >= 0")
+    if nan:
+      raise ValueError(f"{where} contains NaN ({nan} entries)")
+    if inf:
+      raise ValueError(f"{where} contains inf ({inf} entries)")
+    if neg:
+      raise ValueError(f"{where} has negative entries (min {lo!r}); importance must be >= 0")
 
 
 def check_finite(tree: Any, name: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if is_concrete(leaf) and not np.isfinite(np.asarray(leaf, dtype=np.float32)).all():
+    if is_concrete(leaf) and sum(_value_stats(leaf)[:2]):
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains NaN or inf")
