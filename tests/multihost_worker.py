@@ -67,10 +67,10 @@ def main(argv=None):
                                num_processes=args.num_processes, process_id=args.process_id,
                                initialization_timeout=args.init_timeout,
                                heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
-  import jax.numpy as jnp
   import optax
   from jax.experimental import multihost_utils
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import wva_jax as wj
 

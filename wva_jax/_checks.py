@@ -112,5 +112,8 @@ def check_importance_values(tree: Any, name: str = "importance") -> None:
 
 def check_finite(tree: Any, name: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if is_concrete(leaf) and sum(_value_stats(leaf)[:2]):
+    if not is_concrete(leaf):
+      continue
+    nan, inf, _, _ = _value_stats(leaf)
+    if nan or inf:
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains NaN or inf")
