@@ -10,6 +10,8 @@ import pytest
 
 import reference_models as rm
 
+import wva_jax as wj
+
 from wva_jax.importance._engine import FallbackWarning, engine_report, gradient_sums
 from wva_jax.importance._per_example import per_example_sum
 
@@ -146,6 +148,7 @@ def test_mlp_matches_python_loop_and_vmap(data, cot, reduce):
       "0/w": "dense", "0/b": "bias", "1/w": "dense", "1/b": "bias", "2/w": "dense", "2/b": "bias"}
 
 
+@pytest.mark.slow
 def test_cnn_conv_path(data):
   model = CNN()
   params = init(model, data["img"], 2)
@@ -159,6 +162,7 @@ def test_cnn_conv_path(data):
   assert report["params/Dense_0/kernel"] == "dense"
 
 
+@pytest.mark.slow
 def test_conv_layouts_strides_dilation_and_grouped(data):
   """Kernel gradients from input patches must land in the kernel's own layout."""
   rng = np.random.default_rng(10)
@@ -185,6 +189,7 @@ def test_conv_layouts_strides_dilation_and_grouped(data):
     assert rel_err(fast, ref) <= 1e-5
 
 
+@pytest.mark.slow
 def test_sequence_embedding_layernorm_with_padding_mask(data):
   model = Seq()
   params = init(model, data["tok"], 3)
@@ -319,3 +324,77 @@ def test_jit_and_validation(data):
     gradient_sums(mlp, params, data["x"], score, {"y": data["y"]}, reduce="sq")
   with pytest.raises(ValueError, match="empty"):
     gradient_sums(mlp, params, data["x"][:0], score, {"y": data["y"][:0]})
+
+
+# --- soundness and refusals (issue: real model code) ---------------------------------
+
+def _int_cast_model(p, x):
+  # w only reaches the output through an integer cast (fake quantisation without
+  # a straight-through estimator): its true gradient is exactly zero
+  wq = p["w"].astype(jnp.int32).astype(jnp.float32)
+  return x @ wq + x @ jnp.round(p["r"]) + x @ jax.lax.stop_gradient(p["s"]) + x @ p["v"]
+
+
+def test_integer_cast_round_and_stop_gradient_give_exact_zero(data):
+  rng = np.random.default_rng(9)
+  params = {k: jnp.asarray(rng.normal(size=(7, C)) * 3, jnp.float32) for k in "wrsv"}
+  report = engine_report(_int_cast_model, params, data["x"])
+  assert report == {"w": "unused", "r": "unused", "s": "unused", "v": "dense"}
+  for engine in ("factored", "vmap"):
+    f = wj.importance.fisher(_int_cast_model, params, data["x"], data["y"], engine=engine)
+    for k in "wrs":
+      assert not np.any(np.asarray(f[k])), (engine, k)
+    assert np.all(np.asarray(f["v"]) > 0)
+  sig = wj.importance.sig(_int_cast_model, params, data["x"])
+  assert not np.any(np.asarray(sig["w"])) and np.all(np.asarray(sig["v"]) > 0)
+
+
+def _estimator_calls(apply_fn, params, x, y):
+  imp = wj.importance
+  return {
+      "fisher": lambda: imp.fisher(apply_fn, params, x, y),
+      "fisher-vmap": lambda: imp.fisher(apply_fn, params, x, y, engine="vmap"),
+      "mas": lambda: imp.mas(apply_fn, params, x),
+      "mas-vmap": lambda: imp.mas(apply_fn, params, x, engine="vmap"),
+      "sig": lambda: imp.sig(apply_fn, params, x),
+  }
+
+
+def test_batch_mixing_model_is_refused_by_name_on_every_path(data):
+  """Linen BatchNorm in training mode normalises over the batch: outputs mix examples."""
+
+  class Net(nn.Module):
+    train: bool
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.BatchNorm(use_running_average=not self.train)(nn.Dense(5)(x))
+      return nn.Dense(C)(h)
+
+  def split(train):
+    model = Net(train)
+    variables = model.init(jax.random.key(0), data["x"][:2])
+    stats = variables["batch_stats"]
+    apply_fn = lambda p, x: model.apply({"params": p, "batch_stats": stats}, x,
+                                        mutable=["batch_stats"])[0]
+    return apply_fn, variables["params"]
+
+  apply_fn, params = split(train=True)
+  for name, call in _estimator_calls(apply_fn, params, data["x"], data["y"]).items():
+    with pytest.raises(ValueError, match="mixes examples: primitive 'reduce_sum'"):
+      call()
+  # the same model in evaluation mode is accepted
+  apply_fn, params = split(train=False)
+  for call in _estimator_calls(apply_fn, params, data["x"], data["y"]).values():
+    call()
+
+
+def test_non_array_outputs_get_the_same_clear_error_on_every_path(data):
+  params = mlp_init(3)
+  tupled = lambda p, x: (jnp.zeros(x.shape[0]), mlp(p, x))
+  for name, call in _estimator_calls(tupled, params, data["x"], data["y"]).items():
+    with pytest.raises(ValueError, match=r"returned a tuple of 2 arrays \(shapes \(1,\), \(1, 3\)\)"):
+      call()
+  dicted = lambda p, x: {"logits": mlp(p, x)}
+  with pytest.raises(ValueError, match=r"returned a dict of 1 arrays.*\.logits"):
+    wj.importance.fisher(dicted, params, data["x"], data["y"])

@@ -49,7 +49,8 @@ class Path:
   ``vmap`` over the loop axes in place at that point), ``('xs',)`` (entering
   a scan as a scanned operand: the leading axis becomes a loop axis) and
   ``('const', length)`` (entering a scan as a closed-over operand: broadcast
-  along a new loop axis).
+  along a new loop axis) and ``('ys',)`` (leaving a scan as a stacked output:
+  the loop axis becomes an array axis again).
   """
   steps: tuple = ()
   loops: tuple = ()  # lengths of the enclosing scans' loop axes, outermost first
@@ -68,6 +69,7 @@ class Use:
   eqn: Any  # the JaxprEqn
   operand: int  # position of the parameter alias among eqn.invars
   path: Path
+  data: bool = True  # the other operands depend on the example (not a constant like 1 + w)
 
   @property
   def prim(self) -> str:
@@ -216,6 +218,32 @@ def check_per_example(apply_fn: Callable, params, example) -> None:
         "evaluation mode (e.g. BatchNorm with use_running_average=True)")
 
 
+def _dependence(jaxpr, in_dep, prefix, out: dict) -> list:
+  """Marks ``out[(prefix, var)]`` for every var that depends on the example; returns the outvars'."""
+  dep = {v for v, d in zip(jaxpr.invars, in_dep) if d}
+  for i, eqn in enumerate(jaxpr.eqns):
+    ins = [isinstance(v, jcore.Var) and v in dep for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in ("scan",) or _rules.rule_is_call(name):
+      inner, _ = _inner(eqn)
+      body_in = list(ins)
+      if name == "scan":  # a carry may pick up the example in a later iteration
+        n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        for k in range(n_consts, n_consts + n_carry):
+          body_in[k] = any(ins)
+      outs = _dependence(inner, body_in, prefix + (i,), out)
+    else:
+      outs = [any(ins)] * len(eqn.outvars)
+    for v, d in zip(eqn.outvars, outs):
+      if d:
+        dep.add(v)
+        out[(prefix, v)] = True
+  for v in jaxpr.invars:
+    if v in dep:
+      out[(prefix, v)] = True
+  return [isinstance(v, jcore.Var) and v in dep for v in jaxpr.outvars]
+
+
 def trace(apply_fn: Callable, params, example) -> Plan:
   """Traces ``apply_fn(params, example)`` (a batch of one) and maps parameter uses."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -225,6 +253,9 @@ def trace(apply_fn: Callable, params, example) -> Plan:
                               jax.tree_util.tree_map(_struct, example))
   uses: dict = {}
   blocked: dict = {}
+  n = len(leaves)
+  depends: dict = {}
+  _dependence(closed.jaxpr, [False] * n + [True] * (len(closed.jaxpr.invars) - n), (), depends)
 
   def block(alias, reason):
     blocked.setdefault(alias[0], []).append(reason)
@@ -270,13 +301,20 @@ def trace(apply_fn: Callable, params, example) -> Plan:
             block(ins[k], "scan carry")
           else:
             body_ins[k] = (leaf, path.then(("xs",), loops))
-        for a in walk(inner, body_ins, site):
-          if a is not None:
-            block(a, "returned by a scan")
+        for j, a in enumerate(walk(inner, body_ins, site)):
+          if a is None:
+            continue
+          if j < n_carry:
+            block(a, "scan carry")
+          else:  # stacked back as a scan output (nnx.scan returns its state): an alias again
+            leaf, path = a
+            env[eqn.outvars[j]] = (leaf, path.then(("ys",), path.loops[:-1]))
       elif kinds <= {_rules.LINEAR, _rules.ADDITIVE} and len(live) == 1:
         (k,) = live
         leaf, path = ins[k]
-        uses.setdefault(leaf, []).append(Use(leaf, site, eqn, k, path))
+        data = any((prefix, v) in depends for j, v in enumerate(eqn.invars)
+                   if j != k and isinstance(v, jcore.Var))
+        uses.setdefault(leaf, []).append(Use(leaf, site, eqn, k, path, data))
       else:
         if len(live) > 1 and kinds <= {_rules.LINEAR, _rules.ADDITIVE}:
           reason = f"{name} of two parameter operands"
@@ -288,7 +326,6 @@ def trace(apply_fn: Callable, params, example) -> Plan:
           block(ins[k], reason)
     return [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
 
-  n = len(leaves)
   in_alias = [(i, Path()) for i in range(n)] + [None] * (len(closed.jaxpr.invars) - n)
   for a in walk(closed.jaxpr, in_alias, ()):
     if a is not None:
@@ -316,6 +353,8 @@ def path_fn(path: Path):
         w = _under_loops(bound, n)(w)
       elif step[0] == "xs":
         n += 1
+      elif step[0] == "ys":  # stacked as a scan output: the loop axis is an array axis again
+        n -= 1
       else:  # ("const", length): the same value in every iteration
         w = jnp.broadcast_to(jnp.expand_dims(w, n), w.shape[:n] + (step[1],) + w.shape[n:])
         n += 1
@@ -326,7 +365,7 @@ def path_fn(path: Path):
 
 def path_transpose(path: Path, leaf_shape):
   """Maps float32 cotangents of the stacked operand back to the leaf (summing copies)."""
-  if not any(s[0] != "xs" and not (s[0] == "bind" and s[1].name == "convert_element_type")
+  if not any(s[0] not in ("xs", "ys") and not (s[0] == "bind" and s[1].name == "convert_element_type")
              for s in path.steps):
     return lambda g: g
   t = jax.linear_transpose(path_fn(path), jax.ShapeDtypeStruct(leaf_shape, jnp.float32))

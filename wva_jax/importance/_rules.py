@@ -93,6 +93,10 @@ def rule(eqn, operand: int) -> str:
   return OPAQUE
 
 
+def rule_is_call(name: str) -> bool:
+  return name in _CALL
+
+
 def kind(name: str) -> str:
   """The name ``engine_report`` gives a use by primitive ``name``."""
   return _LINEAR.get(name) or _ADDITIVE[name]

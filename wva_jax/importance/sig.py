@@ -129,7 +129,9 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   def one_example(x_leaves, m):
     def hook(use, invals, out):
       c = signal(use, invals, out)
-      if m is not None and use.prim == "gather":  # indices: weight the rows they pick
+      if m is None or not use.data:  # a signal that is not the example's (1 + w): no positions
+        return c, None
+      if use.prim == "gather":  # indices: weight the rows they pick
         return c, position_weights(m, out.shape, use)
       if m is not None:
         c = c * position_weights(m, c.shape, use)
