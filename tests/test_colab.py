@@ -72,6 +72,7 @@ def test_install_cell_on_colab_asks_for_the_repository(tmp_path, monkeypatch):
     _run_install_cell(source, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
                     reason="needs git and a git checkout")
 def test_install_cell_on_colab_clones_the_repository(tmp_path, monkeypatch):

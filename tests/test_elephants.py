@@ -47,6 +47,7 @@ def test_model_is_causal():
   assert np.abs(np.asarray(a[:, 5:] - b[:, 5:])).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_per_sequence_fisher_sums_masked_positions():
   apply_fn, params = lm.init(TINY)
   rng = np.random.default_rng(1)
@@ -81,6 +82,7 @@ EXPECTED = {("sgd", "none", None): 1.0, ("sgd", "wva", None): 2.0, ("sgd", "wva"
             ("adam", "implicit_ewc", None): 5.0}
 
 
+@pytest.mark.slow
 def test_memory_multiples_measured_from_compiled_step():
   # compiling costs seconds each: compile the claims' five, count live bytes for all
   compiled = [("sgd", "wva", None), ("sgd", "ewc", None), ("adam", "none", None),
@@ -97,6 +99,7 @@ def test_memory_multiples_measured_from_compiled_step():
       assert row["compiled_state_multiple"] == pytest.approx(want, abs=1e-3), row["name"]
 
 
+@pytest.mark.slow
 def test_finetune_run_compiles_once_and_wva_zero_is_adam():
   a = data.load_domain("prose", TINY.seq_len)
   b = data.load_domain("code", TINY.seq_len)

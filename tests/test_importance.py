@@ -26,7 +26,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow), "shared"])
 @pytest.mark.parametrize("engine", ["auto", "vmap"])
 def test_fisher_empirical_matches_loop(name, engine):
   fn, params, shape, classes = CASES[name]
@@ -43,6 +43,7 @@ def test_fisher_exact_matches_loop(name):
   rm.assert_tree_close(got, rm.fisher_exact_ref(fn, params, x))
 
 
+@pytest.mark.slow
 def test_fisher_sequence_with_padding_mask():
   params = rm.init_seq(KEY)
   x = jax.random.normal(jax.random.key(2), (5, 4, 4))
@@ -77,6 +78,7 @@ def test_fisher_sampled_draws_per_example_keys_independent_of_chunking():
   rm.assert_tree_close(wj.importance.fisher(fn, params, x, mode="sampled", key=key, chunk_size=5), got)
 
 
+@pytest.mark.slow
 def test_fisher_sampled_averages_to_exact():
   fn, params, shape, classes = CASES["mlp"]
   x, _ = _data(shape, classes)
@@ -154,6 +156,7 @@ def test_estimators_accept_pytree_inputs():
   rm.assert_tree_close(got, rm.fisher_empirical_ref(rm.mlp, params, 1.5 * x, y))
 
 
+@pytest.mark.slow
 def test_path_integral_matches_manual_loop_and_si_formula():
   loss = lambda p, x: jnp.sum((x @ p["w"] - 1.0) ** 2)
   params = {"w": jnp.array([0.5, -0.3, 0.2])}

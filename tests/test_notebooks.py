@@ -8,6 +8,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+pytestmark = pytest.mark.slow  # a kernel per notebook, tens of seconds each
 
 
 def _run(name, monkeypatch):

@@ -8,6 +8,8 @@ import pytest
 
 from experiments.elephants.sharding import run_in_subprocess
 
+pytestmark = pytest.mark.slow  # one subprocess with 8 CPU devices, about a minute
+
 
 @pytest.fixture(scope="module")
 def result():

@@ -74,6 +74,7 @@ def test_flax_dense_equals_plain_mlp():
     close(imp["params"][f"Dense_{i}"]["bias"], want["b"])
 
 
+@pytest.mark.slow
 def test_cnn_matches_patch_loop():
   dn = ("NHWC", "HWIO", "NHWC")
   params = {"k": arr(3, 3, 2, 4), "c": arr(4), "d": arr(4 * 4 * 4, 3, scale=0.1)}
@@ -99,6 +100,7 @@ def test_cnn_matches_patch_loop():
   close(imp["d"], np.abs(np.asarray(params["d"])) * np.abs(h).mean(0)[:, None])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_sequence_embedding_positions_summed(masked):
   params = {"emb": arr(10, 5), "w": arr(5, 4), "b": arr(4), "out": arr(4, 3)}
@@ -149,6 +151,7 @@ def test_shared_weight_sums_uses():
   close(sig(model, params, X)["s"], np.abs(np.asarray(params["s"])) * (a1 + a2)[:, None])
 
 
+@pytest.mark.slow
 def test_jit_vmap_over_params_and_bf16():
   f = jax.jit(lambda p, x: sig(mlp, p, x, chunk_size=4))
   for got, want in zip(jax.tree_util.tree_leaves(f(MLP, X)),

@@ -10,6 +10,9 @@ import pytest
 import wva_jax as wj
 import reference_models as rm
 
+# Three tasks trained and compiled per method: run in CI, left out of the fast subset.
+pytestmark = pytest.mark.slow
+
 D, C, N, TASKS, STEPS = 16, 4, 512, 3, 300
 
 

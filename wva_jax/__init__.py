@@ -4,13 +4,12 @@ Importance estimators (``wva_jax.importance``: Fisher, MAS, SIG, SI) say how
 much each parameter matters; consolidation transforms (EWC and weight
 velocity attenuation, WVA) restrain changes to important parameters.
 """
-from wva_jax import importance, metrics
-from wva_jax import sharding
+from wva_jax import importance, metrics, sharding
 from wva_jax.ewc import EWCState, add_ewc, ewc_penalty, implicit_ewc
 from wva_jax.state import set_anchor, set_importance
 from wva_jax.wva import WVAState, attenuation, wva_adam, wva_scale, wva_sgd
 
 __version__ = "0.1.0"
 
-__all__ = ["importance", "metrics", "wva_scale", "wva_sgd", "wva_adam", "attenuation", "WVAState",
+__all__ = ["importance", "metrics", "sharding", "wva_scale", "wva_sgd", "wva_adam", "attenuation", "WVAState",
            "ewc_penalty", "add_ewc", "implicit_ewc", "EWCState", "set_importance", "set_anchor"]

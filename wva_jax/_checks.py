@@ -63,8 +63,8 @@ def check_choice(value: Any, choices: Iterable[Any], name: str) -> None:
 
 def check_like_params(tree: Any, params: Any, name: str) -> None:
   """Same tree structure and leaf shapes as ``params``, else a ValueError naming the path."""
-  t_def = jax.tree_util.tree_structure(tree)
-  p_def = jax.tree_util.tree_structure(params)
+  t_def: Any = jax.tree_util.tree_structure(tree)
+  p_def: Any = jax.tree_util.tree_structure(params)
   if t_def != p_def:
     raise ValueError(f"{name} has tree structure {t_def}, but params have {p_def}")
   for (path, t), p in zip(jax.tree_util.tree_leaves_with_path(tree),

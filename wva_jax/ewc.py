@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from wva_jax._checks import (check_finite, check_importance_values, check_like_params,
-                             check_scalar_or_schedule, check_strength)
+from wva_jax._checks import (
+  check_finite,
+  check_importance_values,
+  check_like_params,
+  check_scalar_or_schedule,
+  check_strength,
+)
 from wva_jax._copy import fresh_tree
 from wva_jax.wva import check_storage_dtype, init_importance
 
@@ -52,7 +57,7 @@ def ewc_penalty(params: optax.Params, anchor: optax.Params, importance: optax.Pa
       lambda p, a, i: jnp.sum(i.astype(jnp.float32)
                               * jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))),
       params, anchor, importance)
-  return 0.5 * strength * sum(jax.tree_util.tree_leaves(terms))
+  return jnp.asarray(0.5 * strength * sum(jax.tree_util.tree_leaves(terms)))
 
 
 def _ewc_factory(anchor, importance, strength, importance_dtype):

@@ -8,9 +8,10 @@ anything, NaN included (tasks not evaluated yet).
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 
-def _matrix(R, min_tasks: int = 1):
+def _matrix(R: ArrayLike, min_tasks: int = 1) -> NDArray[np.float64]:
   R = np.asarray(R, dtype=np.float64)
   if R.ndim < 2 or R.shape[-1] != R.shape[-2]:
     raise ValueError(f"R must be a square [..., T, T] accuracy matrix, got shape {R.shape}")
@@ -19,7 +20,7 @@ def _matrix(R, min_tasks: int = 1):
   return R
 
 
-def average_accuracy(R):
+def average_accuracy(R: ArrayLike) -> NDArray[np.float64]:
   r"""Mean accuracy over the tasks seen so far, after each task: the seed's curve.
 
   .. math:: A_i = \frac{1}{i+1} \sum_{j \le i} R_{ij}
@@ -38,7 +39,7 @@ def average_accuracy(R):
   return np.where(seen, R, 0.0).sum(-1) / seen.sum(-1)
 
 
-def forgetting(R):
+def forgetting(R: ArrayLike) -> np.float64 | NDArray[np.float64]:
   r"""Average forgetting at the end (Chaudhry et al. 2018).
 
   .. math:: F = \frac{1}{T-1} \sum_{j < T-1} \big(\max_{j \le i < T-1} R_{ij} - R_{T-1,j}\big)
@@ -55,7 +56,7 @@ def forgetting(R):
   return np.mean(best - R[..., -1, :-1], axis=-1)
 
 
-def backward_transfer(R):
+def backward_transfer(R: ArrayLike) -> np.float64 | NDArray[np.float64]:
   r"""Backward transfer (Lopez-Paz & Ranzato 2017); negative means forgetting.
 
   .. math:: BWT = \frac{1}{T-1} \sum_{j < T-1} \big(R_{T-1,j} - R_{jj}\big)

@@ -96,19 +96,22 @@ def state_shardings(opt_state: optax.OptState, param_shardings: Any, mesh: Mesh,
     >>> state[1].importance['w'].sharding.spec == ps['w'].spec
     True
   """
-  pdef = jax.tree_util.tree_structure(param_shardings)
-  sharding_leaves = pdef.flatten_up_to(param_shardings)
+  pdef: Any = jax.tree_util.tree_structure(param_shardings)
+  sharding_leaves = jax.tree_util.tree_leaves(param_shardings)
   if params is None:
     shapes: list[Any] = [None] * len(sharding_leaves)
   else:
-    shapes = [tuple(getattr(p, "shape", None) or jax.numpy.shape(p))
-              for p in pdef.flatten_up_to(params)]
+    if jax.tree_util.tree_structure(params) != pdef:
+      raise ValueError(f"params have tree structure {jax.tree_util.tree_structure(params)}, "
+                       f"but param_shardings have {pdef}")
+    shapes = [tuple(jax.numpy.shape(p)) for p in jax.tree_util.tree_leaves(params)]
 
   def is_params(x: Any) -> bool:
     if x is None or jax.tree_util.tree_structure(x) != pdef:
       return False
+    # Same structure as the shardings: the leaves line up one to one.
     return all(_fits(leaf, sh, shape) for leaf, sh, shape
-               in zip(pdef.flatten_up_to(x), sharding_leaves, shapes))
+               in zip(jax.tree_util.tree_leaves(x), sharding_leaves, shapes))
 
   replicated = NamedSharding(mesh, P())
   return jax.tree_util.tree_map(lambda sub: param_shardings if is_params(sub) else replicated,

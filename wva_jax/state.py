@@ -48,7 +48,8 @@ def _set_in_place(optimizer, types, field: str, value, check):
       raise ValueError(f"{field} has {len(new_leaves)} leaves, the optimizer's state has {len(slots)}")
     for slot, new in zip(slots, new_leaves):
       if jnp.shape(new) != jnp.shape(slot.get_value()):
-        raise ValueError(f"{field} leaf of shape {jnp.shape(new)} does not fit the state's {jnp.shape(slot.get_value())}")
+        raise ValueError(f"{field} leaf of shape {jnp.shape(new)} does not fit "
+                         f"the state's {jnp.shape(slot.get_value())}")
   check(value, field)
   for s in targets:
     slots = jax.tree_util.tree_leaves(getattr(s, field), is_leaf=lambda v: isinstance(v, variable))

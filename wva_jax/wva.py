@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from wva_jax._checks import (check_choice, check_importance_values,
-                             check_like_params, check_strength)
+from wva_jax._checks import check_choice, check_importance_values, check_like_params, check_strength
 from wva_jax._copy import fresh_tree
 
 VISCOSITIES = ("hyperbolic", "exponential")
@@ -37,7 +36,7 @@ def attenuation(importance: optax.Params, strength: ArrayLike,
   if viscosity == "hyperbolic":
     f = lambda i: 1.0 / (1.0 + strength * i.astype(jnp.float32))
   else:
-    f = lambda i: jnp.exp(-strength * i.astype(jnp.float32))
+    f = lambda i: jnp.exp(-(strength * i.astype(jnp.float32)))
   return jax.tree_util.tree_map(f, importance)
 
 

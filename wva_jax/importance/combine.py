@@ -6,8 +6,13 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from wva_jax._checks import (check_choice, check_importance_values, check_like_params,
-                             check_strength, concrete_scalar)
+from wva_jax._checks import (
+  check_choice,
+  check_importance_values,
+  check_like_params,
+  check_strength,
+  concrete_scalar,
+)
 
 
 def accumulate(total: optax.Params | None, new: optax.Params) -> optax.Params:
