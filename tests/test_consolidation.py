@@ -286,6 +286,7 @@ def test_traced_strength_under_vmap():
     np.testing.assert_allclose(row, -np.asarray(GRADS["a"]) / (1 + float(lam) * np.asarray(IMP["a"])), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_and_in_place_set_importance():
   from flax import nnx
 

@@ -131,7 +131,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# The fast subset keeps the chain of every kind together and SI's path start;
+# each transformation alone runs with the slow tests.
+@pytest.mark.parametrize("name", [n if n in ("combined", "path_integral_si")
+                                  else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
 def test_donated_step_over_tasks_matches_undonated(name):
   make, between, si = CASES[name]
   plain, _ = run(make(), donate=False, between=between, si=si)
@@ -212,6 +215,7 @@ def _nnx_run(donate: bool):
   return history
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_with_donating_nnx_jit_matches_undonated():
   plain, donated = _nnx_run(donate=False), _nnx_run(donate=True)
   for a, b in zip(plain, donated):

@@ -37,6 +37,7 @@ def test_domains_are_real_prose_and_python():
   assert data.load_domain("prose", 32).sha256 == a.sha256   # cached and stable
 
 
+@pytest.mark.slow
 def test_model_is_causal():
   apply_fn, params = lm.init(TINY)
   x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)), jnp.uint8)

@@ -134,7 +134,7 @@ def both(apply_fn, params, x, cot_fn, extras, reduce="square", chunk_size=4):
 
 # --- tests ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("cot,reduce", [(score, "square"), (exact, "abs")],
+@pytest.mark.parametrize("cot,reduce", [(score, "square"), pytest.param(exact, "abs", marks=pytest.mark.slow)],
                          ids=["K=1-square", "K=C-abs"])
 def test_mlp_matches_python_loop_and_vmap(data, cot, reduce):
   params = mlp_init(1)
@@ -298,6 +298,7 @@ def test_nnx_linear_and_conv(data):
       "conv/bias": "bias", "conv/kernel": "conv", "lin/bias": "bias", "lin/kernel": "dense"}
 
 
+@pytest.mark.slow
 def test_bf16_params_accumulate_in_f32(data):
   params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), mlp_init(7))
   x = data["x"].astype(jnp.bfloat16)
@@ -360,6 +361,7 @@ def _estimator_calls(apply_fn, params, x, y):
   }
 
 
+@pytest.mark.slow
 def test_batch_mixing_model_is_refused_by_name_on_every_path(data):
   """Linen BatchNorm in training mode normalises over the batch: outputs mix examples."""
 

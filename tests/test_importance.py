@@ -19,25 +19,35 @@ def _data(shape, classes, key=1):
   return jax.random.normal(k1, shape), jax.random.randint(k2, shape[:1], 0, classes)
 
 
-CASES = {
-    "mlp": (rm.mlp, rm.init_mlp(KEY), (N, 6), 4),
-    "cnn": (rm.cnn, rm.init_cnn(KEY), (N, 8, 8, 1), 3),
-    "shared": (rm.shared, rm.init_shared(KEY), (N, 4), 3),
+# (apply_fn, init, input shape, classes); params are built on first use, not at
+# import: each eager jax.random call compiles, and the CNN alone costs seconds
+# that a `-m "not slow"` run (which skips the CNN cases) would pay at collection.
+_CASES = {
+    "mlp": (rm.mlp, rm.init_mlp, (N, 6), 4),
+    "cnn": (rm.cnn, rm.init_cnn, (N, 8, 8, 1), 3),
+    "shared": (rm.shared, rm.init_shared, (N, 4), 3),
 }
 
 
-@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow), "shared"])
+@functools.cache
+def case(name):
+  fn, init, shape, classes = _CASES[name]
+  return fn, init(KEY), shape, classes
+
+
+@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow),
+                                  pytest.param("shared", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("engine", ["auto", "vmap"])
 def test_fisher_empirical_matches_loop(name, engine):
-  fn, params, shape, classes = CASES[name]
+  fn, params, shape, classes = case(name)
   x, y = _data(shape, classes)
   got = wj.importance.fisher(fn, params, x, y, chunk_size=3, engine=engine)
   rm.assert_tree_close(got, rm.fisher_empirical_ref(fn, params, x, y))
 
 
-@pytest.mark.parametrize("name", ["mlp", "shared"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("shared", marks=pytest.mark.slow)])
 def test_fisher_exact_matches_loop(name):
-  fn, params, shape, classes = CASES[name]
+  fn, params, shape, classes = case(name)
   x, _ = _data(shape, classes)
   got = wj.importance.fisher(fn, params, x, mode="exact", chunk_size=4)
   rm.assert_tree_close(got, rm.fisher_exact_ref(fn, params, x))
@@ -59,15 +69,16 @@ def test_fisher_sequence_with_padding_mask():
 
 
 def test_fisher_one_hot_targets_equal_integer_targets():
-  fn, params, shape, classes = CASES["mlp"]
+  fn, params, shape, classes = case("mlp")
   x, y = _data(shape, classes)
   a = wj.importance.fisher(fn, params, x, y)
   b = wj.importance.fisher(fn, params, x, jax.nn.one_hot(y, classes))
   rm.assert_tree_close(a, b)
 
 
+@pytest.mark.slow
 def test_fisher_sampled_draws_per_example_keys_independent_of_chunking():
-  fn, params, shape, classes = CASES["mlp"]
+  fn, params, shape, classes = case("mlp")
   x, _ = _data(shape, classes)
   key = jax.random.key(7)
   got = wj.importance.fisher(fn, params, x, mode="sampled", key=key, chunk_size=2)
@@ -80,7 +91,7 @@ def test_fisher_sampled_draws_per_example_keys_independent_of_chunking():
 
 @pytest.mark.slow
 def test_fisher_sampled_averages_to_exact():
-  fn, params, shape, classes = CASES["mlp"]
+  fn, params, shape, classes = case("mlp")
   x, _ = _data(shape, classes)
   exact = wj.importance.fisher(fn, params, x, mode="exact")
   sample = jax.jit(lambda k: wj.importance.fisher(fn, params, x, mode="sampled", key=k))
@@ -90,13 +101,14 @@ def test_fisher_sampled_averages_to_exact():
     assert np.abs(m - e).sum() / np.abs(e).sum() < 0.1
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow), "shared"])
 def test_mas_matches_loop(name):
-  fn, params, shape, _ = CASES[name]
+  fn, params, shape, _ = case(name)
   x, _ = _data(shape, 3)
   rm.assert_tree_close(wj.importance.mas(fn, params, x, chunk_size=3), rm.mas_ref(fn, params, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["auto", "vmap"])
 def test_mas_sequence_with_padding_mask(engine):
   params = rm.init_seq(KEY)
@@ -127,7 +139,7 @@ def test_mas_takes_abs_per_example_not_of_the_batch_gradient(fn):
 
 
 def test_estimators_jit_and_vmap_over_params():
-  fn, params, shape, classes = CASES["mlp"]
+  fn, params, shape, classes = case("mlp")
   x, y = _data(shape, classes)
   stacked = jax.tree_util.tree_map(lambda p: jnp.stack([p, 2 * p]), params)
   batched = jax.jit(jax.vmap(lambda p: wj.importance.fisher(fn, p, x, y)))(stacked)
@@ -138,7 +150,7 @@ def test_estimators_jit_and_vmap_over_params():
 
 
 def test_bf16_params_give_float32_importance_close_to_float32():
-  fn, params, shape, classes = CASES["mlp"]
+  fn, params, shape, classes = case("mlp")
   x, y = _data(shape, classes)
   p16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
   f16 = wj.importance.fisher(fn, p16, x.astype(jnp.bfloat16), y)

@@ -30,6 +30,7 @@ def _within(accuracies, bounds):
   return all(lo <= accuracies[k] <= hi for k, (lo, hi) in bounds.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strength", ["1000.0", "0.0"])
 def test_readme_example_keeps_task_a_with_wva_and_forgets_it_without(strength):
   code = _optax_example().replace("strength=1000.0", f"strength={strength}")

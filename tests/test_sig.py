@@ -45,6 +45,7 @@ def mlp_reference(params, x):
   return out
 
 
+@pytest.mark.slow
 def test_mlp_matches_hand_reference():
   imp = sig(mlp, MLP, X)
   ref = mlp_reference(MLP, X)
