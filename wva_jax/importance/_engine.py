@@ -229,16 +229,7 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
       d, g = pullback(c)
       outer_r = {plan.uses[i][0].site: R(f32(d[plan.uses[i][0].site])) for i in outer_leaves}
       sums = [R(f32(gi)).sum(0) for gi in g]
-      ex = []
-      for i in per_ex_leaves:
-        uses = plan.uses[i]
-
-        def grad_b(cap_b, d_b, p_b, uses=uses):
-          return sum(use_grad(u, cap_b[u.site], d_b[u.site], p_b.get(u.site)) for u in uses)
-
-        sel = lambda t, uses=uses: {u.site: t[u.site] for u in uses if u.site in t}
-        grads = jax.vmap(grad_b)(sel(caps), sel(d), sel(patches))
-        ex.append(R(grads).sum(0))
+      ex = _per_example_reduce(per_ex_leaves, plan, use_grad, R, shapes, caps, d, patches)
       return outer_r, sums, ex
 
     def step(carry, c):
@@ -261,6 +252,41 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
   init = [jnp.zeros(s, jnp.float32) for s in shapes]
   acc = scan_chunks(body, init, (x_chunks, e_chunks, valid))
   return jax.tree_util.tree_unflatten(treedef, acc)
+
+
+def _sequential() -> bool:
+  """Loop over a chunk's examples (CPU) rather than batch them (accelerators).
+
+  On XLA:CPU a batched per-example contraction ``einsum('btd,bte->bde')``
+  followed by the reduction took 5.1x the chunk's weight gradient, and a
+  ``scan`` over the examples accumulating ``R(x_b^T d_b)`` 1.2x (64 examples
+  x 128 positions, 256 -> 1024, chunks of 16): each example is then one
+  plain GEMM whose result is reduced while it is in cache.
+  """
+  return jax.default_backend() == "cpu"
+
+
+def _per_example_reduce(leaves, plan, use_grad, R, shapes, caps, d, patches):
+  """``sum_b R(sum_u g_{u,b})`` for each leaf, ``g_{u,b}`` its gradient through use ``u``."""
+  if not leaves:
+    return []
+  sites = [u.site for i in leaves for u in plan.uses[i]]
+  sel = lambda t: {s: t[s] for s in sites if s in t}
+  xs = (sel(caps), sel(d), sel(patches))
+
+  def grads(x):
+    cap_b, d_b, p_b = x
+    return [sum(use_grad(u, cap_b[u.site], d_b[u.site], p_b.get(u.site)) for u in plan.uses[i])
+            for i in leaves]
+
+  if not _sequential():
+    return [R(g).sum(0) for g in jax.vmap(grads)(xs)]
+
+  def step(acc, x):
+    return [a + R(g) for a, g in zip(acc, grads(x))], None
+
+  init = [jnp.zeros(shapes[i], jnp.float32) for i in leaves]
+  return jax.lax.scan(step, init, xs)[0]
 
 
 def _outer_sum(u, R, cap, dr):
