@@ -209,7 +209,8 @@ def nnx_transformer(s: Size = TINY):
 
 
 def nnx_scan_transformer(s: Size = TINY):
-  """Layers stacked with nnx.vmap, run with nnx.scan over nnx.remat (the NNX docs' pattern)."""
+  """``nnx_transformer``'s scanned twin: the same blocks stacked with nnx.vmap, run with
+  nnx.scan over nnx.remat (the NNX docs' pattern), tied head."""
   from flax import nnx
   Block = _nnx_block_cls()
 
@@ -224,7 +225,6 @@ def nnx_scan_transformer(s: Size = TINY):
 
       self.blocks = make(rngs)
       self.norm = nnx.LayerNorm(s.d, rngs=rngs)
-      self.head = nnx.Linear(s.d, s.vocab, rngs=rngs)
 
     def __call__(self, tok):
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
@@ -232,10 +232,10 @@ def nnx_scan_transformer(s: Size = TINY):
       def run(h, block):
         return block(h)
 
-      return self.head(self.norm(run(self.embed(tok), self.blocks)))
+      return self.embed.attend(self.norm(run(self.embed(tok), self.blocks)))
 
   tok, y, mask = _tokens(s)
-  return _nnx_case("nnx.scan(nnx.remat) transformer", LM(nnx.Rngs(0)), tok, y, mask, scanned=True)
+  return _nnx_case("nnx.scan(nnx.remat) transformer (tied)", LM(nnx.Rngs(0)), tok, y, mask, scanned=True)
 
 
 # --- Flax Linen -------------------------------------------------------------------

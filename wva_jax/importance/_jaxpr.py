@@ -277,10 +277,12 @@ def trace(apply_fn: Callable, params, example) -> Plan:
       if kinds == {_rules.LAYOUT}:
         (k,) = live
         leaf, path = ins[k]
-        in_size, out_size = math.prod(eqn.invars[0].aval.shape), math.prod(eqn.outvars[0].aval.shape)
-        permutes = name in _rules.PERMUTING or in_size == out_size
-        env[eqn.outvars[0]] = (leaf, path.then(("bind", eqn.primitive, eqn.params),
-                                               permutes=permutes))
+        in_size = math.prod(eqn.invars[0].aval.shape)
+        for j, v in enumerate(eqn.outvars):
+          # one step per output; a multi-output op (split) keeps output j
+          permutes = name in _rules.PERMUTING or in_size == math.prod(v.aval.shape)
+          step = ("bind", eqn.primitive, eqn.params) + ((j,) if len(eqn.outvars) > 1 else ())
+          env[v] = (leaf, path.then(step, permutes=permutes))
       elif kinds == {_rules.CALL}:
         inner, _ = _inner(eqn)
         call_ins = [a if k in live else None for k, a in enumerate(ins)]
@@ -340,16 +342,22 @@ def _under_loops(f, n: int):
 
 
 def path_fn(path: Path):
-  """The path as a float32 function of the leaf: leaf -> stacked operand [*loops, ...]."""
+  """The path as a float32 function of the leaf: leaf -> stacked operand [*loops, ...].
+
+  A ``('bind', primitive, params, j)`` step keeps output ``j`` of a
+  multi-output op (``split``).
+  """
 
   def f(w):
     n = 0  # loop axes in place so far
     for step in path.steps:
       if step[0] == "bind":
-        _, prim, params = step
+        _, prim, params, *out = step
         if prim.name == "convert_element_type":
           continue  # computed in float32
-        bound = lambda x, prim=prim, params=params: prim.bind(x, **prim.get_bind_params(params))
+        bound = lambda x, prim=prim, params=params, out=out: (
+            prim.bind(x, **prim.get_bind_params(params))[out[0]] if out else
+            prim.bind(x, **prim.get_bind_params(params)))
         w = _under_loops(bound, n)(w)
       elif step[0] == "xs":
         n += 1

@@ -77,6 +77,8 @@ def rule(eqn, operand: int) -> str:
     return ZERO  # an integer parameter carries no gradient
   if name in _LAYOUT:
     return LAYOUT if len(eqn.invars) == 1 and len(eqn.outvars) == 1 else OPAQUE
+  if name == "split":  # jnp.split of a fused kernel: each piece is a layout alias
+    return LAYOUT if len(eqn.invars) == 1 else OPAQUE
   if name in _CALL:
     return CALL
   if name in _LOOP:
