@@ -33,11 +33,20 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
   language models.
 
   Per-example gradients are never stacked beyond ``chunk_size`` examples and
-  sums are accumulated in float32.
+  sums are accumulated in float32. The model is read from its jaxpr (see
+  :func:`engine_report`): scans over layers, remat, tied embeddings and
+  integer casts are handled without any rewrite; a parameter the engine
+  cannot see through takes the exact but slower per-example ``vjp`` path,
+  with a :class:`FallbackWarning` naming it. Each eager call traces and
+  compiles anew (about a second for a small model); wrap repeated calls in
+  ``jax.jit``.
 
   Args:
-    apply_fn: ``apply_fn(params, inputs) -> logits``; ``outputs[b]`` must
-      depend on ``inputs[b]`` only (no batch norm in training mode).
+    apply_fn: ``apply_fn(params, inputs) -> logits``, one array (a tuple or
+      a ``ModelOutput`` is refused with a message: pick the logits, e.g.
+      ``lambda p, x: model(x, params=p).logits``); ``outputs[b]`` must
+      depend on ``inputs[b]`` only: a model that reduces over the batch axis
+      (BatchNorm in training mode) is refused by name.
     params: a pytree of arrays.
     inputs: a pytree of arrays with a leading example axis ``B``.
     targets: for ``'empirical'``: integer classes ``[B, ...]`` or class
@@ -45,7 +54,9 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
     mode: ``'empirical'``, ``'sampled'`` or ``'exact'``.
     key: a ``jax.random`` key, required for ``'sampled'`` (one draw per
       example and position; the draws do not depend on ``chunk_size``).
-    chunk_size: examples per vectorised chunk (default: up to 64).
+    chunk_size: examples per chunk (default: up to 1024 when every
+      parameter is a one-position Dense layer or a bias, else up to 64; the
+      ``'vmap'`` engine: up to 64). Memory grows with it.
     mask: optional ``[B, ...]`` weights, 1 for real positions, 0 for padding.
     engine: ``'auto'`` (fastest available) or ``'vmap'`` (chunked
       ``vmap(vjp)``, the reference path).

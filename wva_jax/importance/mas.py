@@ -26,11 +26,14 @@ def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
   dropping padding.
 
   Args:
-    apply_fn: ``apply_fn(params, inputs) -> outputs [B, ...]``; ``outputs[b]``
-      must depend on ``inputs[b]`` only.
+    apply_fn: ``apply_fn(params, inputs) -> outputs [B, ...]``, one array;
+      ``outputs[b]`` must depend on ``inputs[b]`` only (a model that reduces
+      over the batch axis is refused by name). Each eager call compiles
+      anew: wrap repeated calls in ``jax.jit``.
     params: a pytree of arrays.
     inputs: a pytree of arrays with a leading example axis (no labels needed).
-    chunk_size: examples per vectorised chunk (default: up to 64).
+    chunk_size: examples per chunk (default: up to 1024 when every
+      parameter is a one-position Dense layer or a bias, else up to 64).
     mask: optional ``[B, ...]`` weights of the output positions (the output's
       shape without its last, feature axis), 1 for real positions, 0 for padding.
     engine: ``'auto'`` or ``'vmap'`` (the reference path).

@@ -21,7 +21,9 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   proportion to its magnitude times the mean magnitude of the signal it
   carries, ``|w_ij| * mean_b |a_bi|`` with ``a`` the layer's input. Forward
   pass only; the model is not rewritten: each parameter's use is found in the
-  jaxpr of ``apply_fn`` (through ``jit``, ``remat``, dtype casts, reshapes).
+  jaxpr of ``apply_fn`` (through ``jit``, ``remat``, ``scan`` over stacked
+  layers, float casts, reshapes; an integer cast carries no signal).
+  A scanned ``[L, ...]`` parameter gets each layer slice's own signal.
 
   For a parameter ``W`` entering an op linear in it, ``y = op(a, W)``
   (``dot_general``: Dense, Einsum, attention projections; ``conv``; ``mul``:
@@ -58,16 +60,20 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
       real positions, 0 for padding), the leading axes after the example axis
       of the outputs. Each parameter's signal is weighted position by
       position, so padding carries none; a parameter whose signal has no such
-      position axes (it acts after pooling, say) is an error.
+      position axes (it acts after pooling, say) is an error, and one whose
+      signal does not depend on the example (``1 + w`` in Gemma's RMSNorm)
+      is not weighted.
 
   Returns:
     A float32 pytree shaped like ``params``.
 
   Raises:
     ValueError: empty ``inputs``, bad ``chunk_size``, a ``mask`` of the wrong
-      shape or one a parameter's signal cannot be weighted by, or a parameter whose use
-      the tracer cannot see through (control flow, custom derivatives, a
-      nonlinear primitive...): the message names the parameter and primitive.
+      shape or one a parameter's signal cannot be weighted by, outputs that
+      are not one array or that mix examples (BatchNorm in training mode), or
+      a parameter whose use the tracer cannot see through (a custom VJP, a
+      ``while`` loop, a nonlinear function of the parameter...): the message
+      names the parameter and primitive.
 
   Example:
     >>> import jax.numpy as jnp
