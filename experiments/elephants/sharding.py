@@ -101,7 +101,8 @@ def check() -> dict:
     sgd = optax.sgd(0.1, momentum=0.9)
     tx = {"wva": lambda: optax.chain(sgd, wj.wva_scale(None, 10.0, importance_dtype=dt)),
           "ewc": lambda: optax.chain(wj.add_ewc(None, None, 10.0, importance_dtype=dt), sgd),
-          "implicit_ewc": lambda: optax.chain(sgd, wj.implicit_ewc(None, None, 1.0, importance_dtype=dt)),
+          "implicit_ewc": lambda: optax.chain(sgd, wj.implicit_ewc(None, None, 1.0, learning_rate=0.1,
+                                                                     importance_dtype=dt)),
           }[method]()
     step = train.make_train_step(apply_fn, tx)
     batches = [(seqs, mask), (seqs[::-1], mask[::-1])]

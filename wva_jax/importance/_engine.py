@@ -42,8 +42,15 @@ import jax
 import jax.numpy as jnp
 
 from wva_jax.importance import _jaxpr
-from wva_jax.importance._per_example import (DEFAULT_CHUNK_SIZE, chunked, num_examples, per_example_sum, reducer,
-                                             resolve_chunk_size, scan_chunks)
+from wva_jax.importance._per_example import (
+  DEFAULT_CHUNK_SIZE,
+  chunked,
+  num_examples,
+  per_example_sum,
+  reducer,
+  resolve_chunk_size,
+  scan_chunks,
+)
 
 ENGINES = ("auto", "factored", "vmap")
 # Chunk when every factored parameter is a one-position dense layer or a

@@ -32,11 +32,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
-from jax.extend import core as jcore
 import jax.numpy as jnp
+from jax.extend import core as jcore
 
 from wva_jax.importance import _rules
 
@@ -56,7 +57,7 @@ class Path:
   loops: tuple = ()  # lengths of the enclosing scans' loop axes, outermost first
   permutes: bool = True  # each leaf element appears exactly once in the alias
 
-  def then(self, step, loops=None, permutes=True) -> "Path":
+  def then(self, step, loops=None, permutes=True) -> Path:
     return Path(self.steps + (step,), self.loops if loops is None else loops,
                 self.permutes and permutes)
 

@@ -17,7 +17,8 @@ model) and the reference the factored engine is checked against.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Diagonal Fisher information: empirical, sampled (true, Monte Carlo) and exact."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

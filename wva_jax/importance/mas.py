@@ -1,7 +1,7 @@
 """Memory aware synapses (MAS): sensitivity of the output norm."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

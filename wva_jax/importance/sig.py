@@ -1,7 +1,7 @@
 """SIG: forward-only signal importance, found by reading the model's jaxpr."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
