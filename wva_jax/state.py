@@ -10,9 +10,10 @@ import optax
 from wva_jax._checks import check_finite, check_importance_values, check_like_params
 from wva_jax._copy import fresh
 from wva_jax.ewc import EWCState
+from wva_jax.lora import LoRAState
 from wva_jax.wva import WVAState
 
-_IMPORTANCE_STATES = (WVAState, EWCState)
+_IMPORTANCE_STATES = (WVAState, EWCState, LoRAState)
 # An optax state (or an ``nnx.Optimizer``, updated in place), returned as the same type.
 _S = TypeVar("_S")
 
@@ -80,7 +81,7 @@ def _replace(opt_state, types, field: str, value, check):
   if not found:
     names = " or ".join(t.__name__ for t in types)
     raise ValueError(f"opt_state contains no {names}: nothing to set {field} on "
-                     "(build the optimizer with wva_scale, add_ewc or implicit_ewc)")
+                     "(build the optimizer with wva_scale, add_ewc, implicit_ewc, add_lora_ewc or lora_wva_scale)")
   check(value, field)
   return new_state
 
