@@ -51,7 +51,7 @@ def test_closed_form_gradient_equals_autodiff_of_dense_form(seed, dtype):
   strength = 0.7
   want_val = dense_penalty(adapters, imp, strength)
   want = jax.grad(dense_penalty)(adapters, imp, strength)   # in the adapters' dtype (bf16 rounded once)
-  # The reference in float32, before the final rounding to the adapters' dtype.
+  # The reference computed in float32 from the same (bf16) values, rounded once to the adapters' dtype.
   want32 = jax.grad(lambda ad: dense_penalty(jax.tree.map(lambda x: x.astype(jnp.float32), ad), imp, strength))(
       adapters)
   closed = wj.lora_ewc_grad(adapters, imp, strength)

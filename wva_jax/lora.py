@@ -181,12 +181,12 @@ def _importance_leaves(importance: Any, ad: _Adapters, name: str = "importance")
 def _rebuild(node: Any, keys: tuple[str, str], new_a: Any, new_b: Any) -> Any:
   """``node`` (same container, same Variable wrappers) holding ``new_a`` and ``new_b``."""
   with_path, nd = jax.tree_util.tree_flatten_with_path(node)
-  return nd.unflatten([new_a if _key(p[0]) == keys[0] else new_b for p, _ in with_path])
+  return jax.tree_util.tree_unflatten(nd, [new_a if _key(p[0]) == keys[0] else new_b for p, _ in with_path])
 
 
 def _unflatten_pairs(ad: _Adapters, new: list) -> Any:
-  return ad.treedef.unflatten([_rebuild(n, _pair_keys(n), na, nb)   # type: ignore[arg-type]
-                               for n, (na, nb) in zip(ad.nodes, new)])
+  return jax.tree_util.tree_unflatten(ad.treedef, [_rebuild(n, _pair_keys(n), na, nb)   # type: ignore[arg-type]
+                                                  for n, (na, nb) in zip(ad.nodes, new)])
 
 
 # ----------------------------------------------------------------- one layer at a time
