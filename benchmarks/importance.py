@@ -25,10 +25,12 @@ peers) to a torch batched gradient over the same chunks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import flax.linen as nn
@@ -42,6 +44,8 @@ from wva_jax.importance._per_example import chunked
 import peers as peer_lib  # benchmarks/peers.py (the script's folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+from zoo import models as zoo  # noqa: E402  (real model classes: tests/zoo/models.py)
 
 
 # --- models ----------------------------------------------------------------------
@@ -122,6 +126,21 @@ def transformer_model(n, rng):
   return m.apply, params, x, jnp.asarray(rng.integers(0, m.vocab, (n, m.seq)))
 
 
+def zoo_model(builder, size=zoo.BENCH):
+  """A zoo model (tests/zoo/models.py) at benchmark size with N examples (no padding mask)."""
+
+  def build(n, rng):
+    c = builder(dataclasses.replace(size, batch=n))
+    return c.apply_fn, c.params, c.inputs, c.targets
+
+  return build
+
+
+LM_ESTS = ("fisher (empirical)", "mas", "sig")
+B = zoo.BENCH
+LM = f"{B.layers}x{B.d} seq{B.seq} vocab{B.vocab}"
+CONV = f"{B.image}x{B.image}x3, {B.channels} channels"
+
 # name: (builder, N, vmap subset, engine chunk candidates, vmap chunk, estimators)
 MODELS = {
     "mlp 784-300-150-10": (mlp_model, 4096, 128, (512, 1024, 4096), 64,
@@ -130,6 +149,26 @@ MODELS = {
                                 ("fisher (empirical)", "mas", "sig")),
     "transformer 2x128 seq64": (transformer_model, 256, 16, (16, 32, 64), 8,
                                 ("fisher (empirical)", "mas", "sig")),
+    # the zoo: model classes from the packages users install
+    f"nnx transformer, tied ({LM})": (zoo_model(zoo.nnx_transformer), 64, 8, (16,), 8, LM_ESTS),
+    f"nnx.scan(nnx.remat) twin, tied ({LM})": (zoo_model(zoo.nnx_scan_transformer), 64, 8, (16,), 8,
+                                                LM_ESTS),
+    f"linen nn.scan(nn.remat) LM, tied ({LM})": (zoo_model(zoo.linen_scan_lm), 64, 8, (16,), 8,
+                                                  LM_ESTS),
+    f"HF FlaxGPT2LMHeadModel ({LM})": (zoo_model(zoo.hf_gpt2), 64, 8, (16,), 8, LM_ESTS),
+    f"HF FlaxLlamaForCausalLM ({LM})": (zoo_model(zoo.hf_llama), 64, 8, (16,), 8, LM_ESTS),
+    f"HF FlaxGemmaForCausalLM ({LM})": (zoo_model(zoo.hf_gemma), 64, 8, (16,), 8, LM_ESTS),
+    f"HF FlaxBertForMaskedLM ({LM})": (zoo_model(zoo.hf_bert_mlm), 64, 8, (16,), 8, LM_ESTS),
+    f"equinox MultiheadAttention LM ({LM})": (zoo_model(zoo.eqx_attention_lm), 64, 8, (16,), 8,
+                                               LM_ESTS),
+    f"haiku layer_stack LM ({LM})": (zoo_model(zoo.haiku_layer_stack), 64, 8, (16,), 8, LM_ESTS),
+    f"nnx causal Conv1D LM ({LM})": (zoo_model(zoo.nnx_causal_conv_lm), 64, 8, (16,), 8, LM_ESTS),
+    f"nnx Conv+BatchNorm(eval) ({CONV})": (zoo_model(zoo.nnx_cnn_batchnorm), 128, 8, (32,), 16,
+                                           LM_ESTS),
+    f"nnx depthwise/grouped/dilated/transposed Conv ({CONV})": (
+        zoo_model(zoo.nnx_conv_variants), 128, 8, (32,), 16, LM_ESTS),
+    f"HF FlaxResNetForImageClassification, eval ({CONV})": (zoo_model(zoo.hf_resnet), 128, 8,
+                                                             (32,), 16, LM_ESTS),
 }
 
 
@@ -154,7 +193,7 @@ def batched_gradient(apply_fn, chunk):
     return -jnp.take_along_axis(logp, y[..., None], -1).sum()
 
   def f(p, x, y):
-    n = x.shape[0]
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
     (xc, yc), _ = chunked((x, y), n, chunk)
 
     def step(acc, c):
@@ -224,7 +263,7 @@ def run(quick: bool, reps: int, only=(), with_peers=True):
     if quick:
       n, n_sub, chunks = n // 4, max(n_sub // 4, 4), chunks[:2]
     apply_fn, params, x, y = build(n, rng)
-    xs, ys = x[:n_sub], y[:n_sub]
+    xs, ys = jax.tree_util.tree_map(lambda a: a[:n_sub], (x, y))
     print(f"\n{model_name}: N={n}, vmap timed on {n_sub} examples", flush=True)
     # Tune the engine's chunk on the first estimator (one timed run per candidate).
     best = None
@@ -366,7 +405,15 @@ def main():
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--only", nargs="*", default=(), help="substrings of model names")
   ap.add_argument("--no-peers", action="store_true", help="skip the torch / kfac-jax peers")
+  ap.add_argument("--md-only", action="store_true",
+                  help="rewrite importance.md from the committed importance.json")
   args = ap.parse_args()
+  if args.md_only:
+    with open(os.path.join(HERE, "results", "importance.json")) as f:
+      saved = json.load(f)
+    write_md(os.path.join(HERE, "results", "importance.md"), saved["env"], saved["rows"],
+             saved["rows"][0]["reps"])
+    return
   reps = 2 if args.quick else args.reps
   load_before = os.getloadavg()
   rows = run(args.quick, reps, args.only, not args.no_peers)
@@ -377,7 +424,7 @@ def main():
     return
   env = {"jax": jax.__version__, "backend": jax.default_backend(), "peers": peer_lib.versions(),
          "cpu_count": os.cpu_count(), "platform": platform.platform(),
-         "command": "python benchmarks/importance.py",
+         "command": " ".join(["python benchmarks/importance.py"] + sys.argv[1:]),
          "torch_threads": peer_lib.torch.get_num_threads() if peer_lib.torch else None,
          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
          # other jobs share the CPU: ratios come from interleaved runs, but are noisy
@@ -396,14 +443,27 @@ Notes
   convolution 10-50x slower and the input-gradient one 2-3x slower (measured),
   so a scanned baseline would flatter the CNN ratios. The engine keeps its
   scan over chunks (unrolling measured no faster) and forms conv kernel
-  gradients from input patches (strided slices), not with that convolution.
-- The CNN uses strided convolutions, not pooling: the backward of `avg_pool`
-  on XLA:CPU dominated every method's time.
-- The transformer's parameters are all used at 64 positions per example, so
-  every path must form per-example gradients; the engine then does the same
-  work as `vmap(vjp)` and both sit near the batched gradient. The engine's
-  gain is where a layer sees one position per example (MLP: ~1000x) and for
-  convolutions (~10x).
+  gradients from input patches (strided slices), grouped and depthwise ones
+  included, not with that convolution. For grouped, dilated and transposed
+  convolutions XLA:CPU's own kernel gradient is so slow that the engine runs
+  in a fraction of the floor.
+- Every parameter of a language model is used at every position (128 here),
+  so per-example gradients must be formed: one GEMM per example with inner
+  size T instead of one with inner size N*T (the same FLOPs), plus the
+  squaring, 1/T of that work. On CPU the engine runs them in a scan over the
+  chunk's examples, each reduced while in cache.
+  `python benchmarks/per_example_gemm.py` (`results/per_example_gemm.md`)
+  times that step alone against the weight gradient: 0.6-1.0x at T = 128
+  (3.2-4.7x for the batched einsum the engine used before), 1.6x at T = 32,
+  3.7x at T = 8. So at T = 128 the per-example step is not what keeps the
+  transformer rows above 1x; what does is not measured yet (candidates: the
+  tied embedding's per-example [vocab, d] gradients, the interpreted forward
+  pass with its perturbations). At short sequences it is the bound: the
+  project's own `transformer 2x128 seq64` rows (T = 64) sit at 1.8-2.0x.
+- The zoo rows are model classes from the packages users install
+  (`tests/zoo/models.py` at `BENCH` size, random weights, no padding mask);
+  the `nnx.scan(nnx.remat)` twin stacks the same blocks as `nnx transformer`.
+  Scanned models keep the per-layer work inside the model's own scan.
 - The CPU was shared with other jobs (load average above): ratios come from
   interleaved runs, but the same baseline varies by up to ~30% across rows.
 """
