@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import wva_jax as wj
+from compare import leaf_rel_err as rel_err
 
 pytestmark = pytest.mark.slow
 
@@ -108,14 +109,6 @@ def build(spec):
   y = jnp.asarray(rng.integers(0, out_classes, size=(n, t)), jnp.int32)
   mask = jnp.asarray(rng.integers(0, 2, size=(n, t)), jnp.float32).at[:, 0].set(1.0)
   return apply_fn, params, x, y, mask
-
-
-def rel_err(a, b):
-  out = 0.0
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    out = max(out, float(np.abs(x - y).max() / (np.abs(y).max() + 1e-30)))
-  return out
 
 
 # derandomize: CI sees the same models every run; no shrinking: each example

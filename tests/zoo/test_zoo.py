@@ -14,17 +14,10 @@ import numpy as np
 import pytest
 
 import wva_jax as wj
+from compare import leaf_rel_err as rel_err
 from zoo import models as zm
 
 pytestmark = pytest.mark.slow
-
-
-def rel_err(a, b):
-  out = 0.0
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    out = max(out, float(np.abs(x - y).max() / (np.abs(y).max() + 1e-30)))
-  return out
 
 
 def _estimators(case, engine):
