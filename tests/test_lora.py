@@ -193,6 +193,7 @@ def _run(tx, step_fn, params, imps, xs, donate):
   return params, len(traces)
 
 
+@pytest.mark.slow  # compile-heavy (10-20 s): the full run and CI keep it
 def test_add_lora_ewc_in_chain_with_donation_equals_penalty_in_loss():
   params, imps, xs = _toy()
   strength = 2.0
@@ -218,6 +219,7 @@ def test_add_lora_ewc_in_chain_with_donation_equals_penalty_in_loss():
     assert not imp["q"].is_deleted()
 
 
+@pytest.mark.slow  # compile-heavy (10-20 s): the full run and CI keep it
 def test_pullback_is_hessian_diagonal_of_penalty():
   adapters, imp = random_adapters(11)
   adapters = {k: v for k, v in adapters.items() if k != "mlp"}
