@@ -73,7 +73,7 @@ def _use_label(u) -> str:
   return u.kind
 
 
-def _outer(uses, leaf) -> bool:
+def _outer(uses) -> bool:
   """One dense use with one position per example, reached through a permutation."""
   if len(uses) != 1:
     return False
@@ -94,7 +94,7 @@ def _classify(plan, leaves) -> list[str]:
     elif not uses:
       out.append("unused")
     else:
-      label = "dense" if _outer(uses, leaf) else (
+      label = "dense" if _outer(uses) else (
           "dense/positions" if uses[0].prim == "dot_general" and len(uses) == 1 else
           _use_label(uses[0]) if len(uses) == 1 else
           "shared: " + " + ".join(_use_label(u) for u in uses))

@@ -142,7 +142,11 @@ def describe(out) -> str:
 
 def check_output(apply_fn: Callable, params, example, what: str = "outputs"):
   """The output's ShapeDtypeStruct; a clear error when ``apply_fn`` returns no single array."""
-  out = jax.eval_shape(apply_fn, params, example)
+  return require_array(jax.eval_shape(apply_fn, params, example), what)
+
+
+def require_array(out, what: str = "outputs"):
+  """``out`` (a traced output's shape) if it is one array; else the error that names it."""
   if not isinstance(out, jax.ShapeDtypeStruct):
     raise ValueError(
         f"apply_fn must return one array of {what}, but it returned {describe(out)}. "
@@ -249,9 +253,10 @@ def trace(apply_fn: Callable, params, example) -> Plan:
   """Traces ``apply_fn(params, example)`` (a batch of one) and maps parameter uses."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   fn = lambda ls, x: apply_fn(jax.tree_util.tree_unflatten(treedef, ls), x)
-  check_output(apply_fn, params, example)
-  closed = jax.make_jaxpr(fn)([_struct(l) for l in leaves],
-                              jax.tree_util.tree_map(_struct, example))
+  # one trace gives both the program and the output's shape
+  closed, out = jax.make_jaxpr(fn, return_shape=True)([_struct(l) for l in leaves],
+                                                      jax.tree_util.tree_map(_struct, example))
+  require_array(out)
   uses: dict = {}
   blocked: dict = {}
   n = len(leaves)
