@@ -11,7 +11,7 @@ import pytest
 
 import wva_jax as wj
 from experiments import optim
-from experiments.elephants import data, memory, model as lm, report, scenario, train
+from experiments.elephants import adapters, data, memory, model as lm, report, scenario, train
 from experiments.methods import Method
 
 TINY = lm.Config(d_model=16, heads=2, layers=1, seq_len=8)
@@ -88,7 +88,7 @@ def test_memory_multiples_measured_from_compiled_step():
   # compiling costs seconds each: compile the claims' five, count live bytes for all
   compiled = [("sgd", "wva", None), ("sgd", "ewc", None), ("adam", "none", None),
               ("adam", "wva", "bfloat16"), ("adam", "ewc", None)]
-  res = memory.measure_all(TINY, batch_size=2, compile_configs=compiled)
+  res = memory.measure_all(TINY, batch_size=2, compile_configs=compiled, lora=())
   assert len(res["rows"]) == len(EXPECTED)
   assert sum("compiled_state_multiple" in r for r in res["rows"]) == len(compiled)
   for row, (key, want) in zip(res["rows"], EXPECTED.items()):
@@ -197,6 +197,80 @@ def test_committed_runs_are_unique_by_seed_and_arm():
   keys = [scenario.run_key(r) for r in report.load(path)]
   assert len(keys) == len(set(keys))
   assert not scenario.todo(scenario.Scenario(seed=0), set(keys))   # seed 0's grid is complete
+
+
+def _tiny_kernels(cfg=TINY) -> list[tuple[int, int]]:
+  """The blocks' dense kernels of ``model.Block``, written out: qkv, out, up, down per layer."""
+  d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+  return [(d, 3 * d), (d, d), (d, h), (h, d)] * cfg.layers
+
+
+def test_adapters_merge_is_w_plus_a_b_on_the_blocks_kernels_only():
+  _, params = lm.init(TINY)
+  ad = adapters.init_adapters(params, jax.random.key(0), rank=3)
+  ad = jax.tree_util.tree_map(lambda x: x + 0.1, ad)      # B starts at 0: make A @ B non-zero
+  merged = adapters.merge(params, ad)
+  flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(merged)[0]}
+  pairs = {f"['blocks'][0]['{m}']" if m in ("up", "down") else f"['blocks'][0]['attn']['{m}']": m
+           for m in ("qkv", "out", "up", "down")}
+  changed = 0
+  for key, w in flat.items():
+    prefix = key.rsplit("['kernel']", 1)[0]
+    if key.endswith("['kernel'].value") and prefix in pairs:
+      node = ad["blocks"][0] if pairs[prefix] in ("up", "down") else ad["blocks"][0]["attn"]
+      a, b = np.asarray(node[pairs[prefix]]["A"]), np.asarray(node[pairs[prefix]]["B"])
+      np.testing.assert_allclose(got[key], w + a @ b, rtol=1e-6, atol=1e-6)
+      changed += 1
+    else:
+      assert np.array_equal(got[key], w), key     # embeddings, LayerNorms, biases, head: frozen
+  assert changed == len(_tiny_kernels()) == len(adapters.adapted_kernels(params))
+  with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
+    adapters.init_adapters(params, jax.random.key(0), rank=0)
+
+
+@pytest.mark.slow
+def test_lora_run_trains_only_a_low_rank_update_and_lambda_zero_is_plain_lora():
+  a = data.load_domain("prose", TINY.seq_len)
+  b = data.load_domain("code", TINY.seq_len)
+  apply_fn, params = lm.init(TINY)
+  sched = train.Schedule(batch=4, steps=4, eval_every=2, eval_size=8)
+  ev = lambda d: (jnp.asarray(d.test[:8]), jnp.asarray(d.test_mask[:8]))
+  args = (jnp.asarray(b.train[:64]), jnp.asarray(b.train_mask[:64])), ev(a), ev(b)
+  imp = jax.tree_util.tree_map(jnp.ones_like, params)
+  key = jax.random.key(0)
+  merged, plain = train.make_run(apply_fn, "lora", sched)(params, None, 0.0, key, *args)
+  assert not np.allclose(plain[0], plain[-1])
+  for method in ("lora_ewc", "lora_wva"):   # lambda 0: plain LoRA, the report's lambda-0 point for these arms
+    _, z = train.make_run(apply_fn, method, sched)(params, imp, jnp.float32(0.0), key, *args)
+    np.testing.assert_allclose(z, plain, rtol=1e-6, err_msg=method)
+  # only the adapted kernels moved, each by a matrix of rank <= RANK
+  for (path, w), w2 in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(merged)):
+    delta = np.asarray(w2, np.float64) - np.asarray(w, np.float64)
+    if adapters._plain(path) in adapters.adapted_kernels(params):
+      assert 0 < np.linalg.matrix_rank(delta, tol=1e-6) <= adapters.RANK
+    else:
+      assert not delta.any(), path
+  # LoRA-WVA at a huge lambda: B's pulled-back importance A^2 F > 0 stops B, so W + A B stays put
+  _, frozen = train.make_run(apply_fn, "lora_wva", sched)(params, imp, jnp.float32(1e9), key, *args)
+  np.testing.assert_allclose(frozen, np.repeat(frozen[:1], 3, 0), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_memory_rows_agree_three_ways_and_with_the_shapes():
+  res = memory.measure_all(TINY, batch_size=2, configs=())
+  p = res["model"]["param_bytes"]
+  kernels = _tiny_kernels()
+  adapter = 4 * adapters.RANK * sum(i + o for i, o in kernels)     # float32 A [i, r] and B [r, o]
+  importance = 4 * sum(i * o for i, o in kernels)                  # one float32 per base-kernel entry
+  assert [r["consolidation"] for r in res["rows"]] == list(adapters.LORA_METHODS)
+  for row in res["rows"]:
+    assert row["adapter_bytes"] == adapter and row["params_bytes"] == p + adapter
+    assert row["optimizer_bytes"] == pytest.approx(2 * adapter, abs=16)   # Adam's mu, nu (+ its step count)
+    assert row["consolidation_bytes"] == (0 if row["consolidation"] == "lora" else importance)
+    # leaf count, the compiled donated step's arguments and the live arrays after two donated steps
+    assert row["compiled_state_multiple"] == pytest.approx(row["state_multiple"], abs=1e-3), row["name"]
+    assert row["live_after_donated_steps_multiple"] == pytest.approx(row["state_multiple"], abs=1e-3), row["name"]
 
 
 def _synthetic_runs(shifts):

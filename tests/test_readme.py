@@ -65,3 +65,37 @@ def test_readme_nnx_snippet_runs_after_the_example():
                   if isinstance(s, wj.WVAState)]
   assert max(float(abs(v.get_value()).max()) for v in jax.tree_util.tree_leaves(
       wva_state.importance, is_leaf=lambda v: hasattr(v, "get_value"))) > 0
+
+
+def _section(title: str) -> str:
+  text = README.read_text()
+  return text[text.index(f"## {title}"):].split("\n## ", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_language_model_section():
+  """The LM section's block: donated WVA and LoRA-EWC steps that learn, consume their inputs, keep the base."""
+  section = _section("Fine-tune a language model without forgetting")
+  (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+  ns: dict = {}
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(block, str(README), "exec"), ns)
+  full, lora = map(float, re.findall(r"loss on new text: full (\d+\.\d+), LoRA (\d+\.\d+)", out.getvalue())[0])
+  import math
+  start = math.log(256)                       # uniform over the 256 tokens: where both start
+  assert full < start - 0.5 and lora < start - 0.3, (full, lora)
+  # The section states what it prints; the claim must be within the same bounds.
+  stated = re.findall(r"It prints `loss on new text: full (\d+\.\d+), LoRA (\d+\.\d+)`", section)
+  assert stated and float(stated[0][0]) < start - 0.5 and float(stated[0][1]) < start - 0.3
+  # LoRA trained the adapters only: the frozen base is bit-for-bit the fresh model's.
+  jax, nnx = ns["jax"], ns["nnx"]
+  fresh_base = nnx.split(ns["LM"](lora_rank=4, rngs=nnx.Rngs(0)), nnx.LoRAParam, nnx.Param)[2]
+  for a, b in zip(jax.tree_util.tree_leaves(ns["base"]), jax.tree_util.tree_leaves(fresh_base)):
+    assert (a == b).all()
+  # Donation: the step consumed the params it was given (one copy in memory).
+  params = jax.tree_util.tree_map(lambda x: x.copy(), ns["params"])
+  state = ns["tx"].init(params)
+  kept = jax.tree_util.tree_leaves(params)[0]
+  ns["step"](params, state, ns["new"])
+  assert kept.is_deleted()

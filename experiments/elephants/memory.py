@@ -30,9 +30,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import wva_jax as wj
-from experiments.elephants import model as lm, train
+from experiments.elephants import adapters, model as lm, train
 from experiments.optim import make_optimizer
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -84,7 +85,7 @@ def live_bytes() -> int:
 def live_after_donated_steps(compiled, tx, params, batch, consolidation: str, steps: int = 2) -> int:
   """Live bytes held after ``steps`` donated steps, set up as a user does, above what was live before."""
   base = live_bytes()
-  p = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
+  p = fresh(params)
   state = tx.init(p)
   if consolidation != "none":
     imp = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, jnp.float32), p)
@@ -136,13 +137,70 @@ def measure(apply_fn, params, batch, optimizer: str, consolidation: str, dtype,
           "live_after_donated_steps_bytes": held, "live_after_donated_steps_multiple": held / p}
 
 
-def measure_all(cfg: lm.Config, batch_size: int = 16, configs=CONFIGS, compile_configs=None):
-  """Rows for ``configs``; only ``compile_configs`` (default: all) are compiled."""
+def measure_lora(apply_fn, params, batch, method: str) -> dict:
+  """``measure`` for a LoRA arm (``adapters.LORA_METHODS``): adapters and their state trained, base frozen.
+
+  The step is ``(adapters, opt_state, base, seqs, mask)``, adapters and state
+  donated; the frozen base is an argument like the batch (held, never
+  copied), so "params" below is base + adapters.
+  """
+  ad = adapters.init_adapters(params, jax.random.key(0))
+  imp = wj.lora_importance(jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, jnp.float32), params), ad)
+  tx = adapters.make_tx(method, 1.0, adapters.LR, imp)
+  state = tx.init(ad)
+  is_cons = lambda x: isinstance(x, wj.LoRAState)
+  cons = [x for x in jax.tree_util.tree_leaves(state, is_leaf=is_cons) if is_cons(x)]
+  opt = jax.tree_util.tree_map(lambda x: None if is_cons(x) else x, state, is_leaf=is_cons)
+  p = nbytes(params)
+  live = {"params": p + nbytes(ad), "optimizer": nbytes(opt), "consolidation": nbytes(cons)}
+
+  def step(ad, state, base, seqs, mask):
+    loss, grads = jax.value_and_grad(lambda a: lm.loss(apply_fn, adapters.merge(base, a), seqs, mask))(ad)
+    updates, state = tx.update(grads, state, ad)
+    return optax.apply_updates(ad, updates), state, loss
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(ad, state, params, *batch).compile()
+  ma = compiled.memory_analysis()
+  args, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+                            int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
+  undonated = jax.jit(step).lower(ad, state, params, *batch).compile().memory_analysis()
+  base_live = live_bytes()
+  a2, s2 = fresh(ad), tx.init(ad)
+  for _ in range(2):
+    a2, s2, loss = compiled(a2, s2, params, *batch)
+  jax.block_until_ready((a2, s2))
+  held = live_bytes() - base_live + p   # the base was live before: count it, as in the full-weight rows
+  del a2, s2, loss
+  batch_bytes = nbytes(batch)
+  return {"name": {"lora": f"adam, LoRA rank {adapters.RANK}", "lora_ewc": "adam, LoRA + lora_ewc",
+                   "lora_wva": "adam, LoRA + lora_wva"}[method],
+          "optimizer": "adam", "consolidation": method, "importance_dtype": "float32",
+          **{f"{k}_bytes": v for k, v in live.items()},
+          "adapter_bytes": nbytes(ad),
+          "state_multiple": sum(live.values()) / p, "consolidation_multiple": live["consolidation"] / p,
+          "compiled_argument_bytes": args, "compiled_output_bytes": out, "compiled_alias_bytes": alias,
+          "compiled_temp_bytes": temp, "batch_bytes": batch_bytes,
+          "compiled_state_multiple": (args - batch_bytes) / p,
+          "compiled_peak_multiple": (args + temp + out - alias) / p,
+          "compiled_peak_undonated_multiple": (int(undonated.argument_size_in_bytes)
+                                               + int(undonated.temp_size_in_bytes)
+                                               + int(undonated.output_size_in_bytes)) / p,
+          "live_after_donated_steps_bytes": held, "live_after_donated_steps_multiple": held / p}
+
+
+def fresh(tree):
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def measure_all(cfg: lm.Config, batch_size: int = 16, configs=CONFIGS, compile_configs=None,
+                lora=adapters.LORA_METHODS):
+  """Rows for ``configs`` and the LoRA methods ``lora``; only ``compile_configs`` (default: all) are compiled."""
   apply_fn, params = lm.init(cfg)
   seqs = jnp.zeros((batch_size, cfg.seq_len + 1), jnp.uint8)
   batch = (seqs, jnp.ones_like(seqs))
   rows = [measure(apply_fn, params, batch, *c, compile=compile_configs is None or c in compile_configs)
           for c in configs]
+  rows += [measure_lora(apply_fn, params, batch, m) for m in lora]
   return {"model": {"config": cfg.__dict__, "params": lm.num_params(params),
                     "param_bytes": nbytes(params)}, "batch": batch_size, "rows": rows}
 
@@ -154,12 +212,12 @@ def markdown(res) -> str:
            "| train step | params | optimizer | WVA/EWC state | state / params (leaves) "
            "| held after donated steps (live arrays) | compiled args | peak, donated | peak, not donated |",
            "|---|---|---|---|---|---|---|---|---|"]
+  p = m["param_bytes"]
   for r in res["rows"]:
-    p = r["params_bytes"]
     comp = (f"{r['live_after_donated_steps_multiple']:.2f}x | {r['compiled_state_multiple']:.2f}x | "
             f"{r['compiled_peak_multiple']:.2f}x | {r['compiled_peak_undonated_multiple']:.2f}x"
             if "compiled_state_multiple" in r else "(not compiled) | | |")
-    lines.append(f"| {r['name']} | 1.00 | {r['optimizer_bytes'] / p:.2f} | "
+    lines.append(f"| {r['name']} | {r['params_bytes'] / p:.2f} | {r['optimizer_bytes'] / p:.2f} | "
                  f"{r['consolidation_bytes'] / p:.2f} | **{r['state_multiple']:.2f}x** | {comp} |")
   return "\n".join(lines) + "\n"
 
@@ -182,6 +240,9 @@ def main(quick: bool = False):
       "`jax.jit(step).lower(...).compile().memory_analysis()`; its peak, arguments + XLA "
       "temporaries (activations, gradients; the same for every method) + outputs not aliased "
       "to a donated argument; and the same step compiled without donation, whose outputs "
-      "(a second copy of params and state) all come on top.\n\n" + md)
+      "(a second copy of params and state) all come on top.\n\n"
+      "LoRA rows: the frozen base is held as it is (an argument, not donated, never copied); "
+      "\"params\" counts base + adapters, \"optimizer\" Adam's moments of the adapters, and the "
+      "LoRA-EWC/WVA state is the base kernels' importance (the anchor is `delta W = 0`: nothing).\n\n" + md)
   print(md)
   return res

@@ -27,7 +27,10 @@ MATCH = 1.1   # matched learning: ppl B = MATCH x plain fine-tuning's, per seed
 def arm(r) -> str:
   if r["method"] == "plain":
     return "plain Adam"
-  name = {"wva": "WVA", "ewc": "EWC", "implicit_ewc": "implicit EWC"}[r["method"]]
+  if r["method"] == "lora":
+    return "LoRA"
+  name = {"wva": "WVA", "ewc": "EWC", "implicit_ewc": "implicit EWC", "lora_ewc": "LoRA + EWC",
+          "lora_wva": "LoRA + WVA"}[r["method"]]
   return f"{name}-{r['importance'].upper() if r['importance'] != 'fisher' else 'Fisher'}" + (
       " (bf16)" if r["dtype"] == "bfloat16" else "")
 
@@ -157,34 +160,41 @@ def crossing(rs, target_b: float, origin=None) -> dict | None:
   return out
 
 
-def targets(runs) -> dict:
-  """``{seed: ppl B target}``: MATCH x that seed's plain fine-tuning ppl B."""
+def targets(runs, ref: str = "plain") -> dict:
+  """``{seed: ppl B target}``: MATCH x that seed's ppl B of the ``ref`` method's run
+  (``plain``: plain fine-tuning; ``lora``: plain LoRA, which learns less)."""
   out = {}
   for s, rs in by_seed(runs).items():
-    plain = [r for r in rs if r["method"] == "plain"]
-    out[s] = (plain[0] if plain else rs[0])["ppl_b"][-1] * MATCH
+    base = [r for r in rs if r["method"] == ref]
+    out[s] = (base[0] if base else rs[0])["ppl_b"][-1] * MATCH
   return out
 
 
-def matched_by_seed(runs, with_origin: bool = False) -> dict:
+def origin(name: str, seed_runs) -> dict | None:
+  """An arm's lambda = 0 run in one seed: plain Adam for full-weight arms, plain LoRA for LoRA + X."""
+  if name in ("plain Adam", "LoRA"):
+    return None
+  base = "lora" if name.startswith("LoRA") else "plain"
+  return next((r for r in seed_runs if r["method"] == base), None)
+
+
+def matched_by_seed(runs, with_origin: bool = False, ref: str = "plain") -> dict:
   """``{arm: {seed: ppl A at matched learning or None}}`` (``with_origin``: ``(value, via_origin)``)."""
-  tgt = targets(runs)
+  tgt = targets(runs, ref)
   out = {}
   for s, rs in by_seed(runs).items():
-    plain = next((r for r in rs if r["method"] == "plain"), None)
     for name, group in by_arm(rs).items():
-      got = matched(group, tgt[s], None if name == "plain Adam" else plain)
+      got = matched(group, tgt[s], origin(name, rs))
       out.setdefault(name, {})[s] = got if with_origin else got[0]
   return out
 
 
-def via_origin_notes(runs) -> list[str]:
-  """For each float32 (seed, arm) whose crossing uses plain as lambda 0: where the target sits on it."""
-  tgt, notes = targets(runs), []
+def via_origin_notes(runs, ref: str = "plain") -> list[str]:
+  """For each float32 (seed, arm) whose crossing uses its lambda-0 run: where the target sits on it."""
+  tgt, notes = targets(runs, ref), []
   for s, rs in by_seed(runs).items():
-    plain = next((r for r in rs if r["method"] == "plain"), None)
     for name, group in by_arm(rs).items():
-      got = None if name == "plain Adam" or "bf16" in name else crossing(group, tgt[s], plain)
+      got = None if origin(name, rs) is None or "bf16" in name else crossing(group, tgt[s], origin(name, rs))
       if got and got["via_origin"]:
         (l0, b0), (l1, b1) = got["ends"]
         notes.append(f"seed {s} {name}, ppl B {b0:.3f} at lambda {l0:g} and {b1:.3f} at lambda {l1:g}, "
@@ -192,25 +202,26 @@ def via_origin_notes(runs) -> list[str]:
   return notes
 
 
-def at_matched_learning(runs) -> str:
-  """Per arm: ppl A at matched learning for each seed, and mean ± 95% CI over seeds."""
+def at_matched_learning(runs, ref: str = "plain") -> str:
+  """Per arm: ppl A at matched learning (target from ``ref``, see ``targets``) for each seed, and mean ± 95% CI."""
   seeds = sorted(by_seed(runs))
-  tgt = targets(runs)
-  vals = matched_by_seed(runs, with_origin=True)
+  tgt = targets(runs, ref)
+  vals = matched_by_seed(runs, with_origin=True, ref=ref)
   head = " | ".join(f"seed {s} (B = {tgt[s]:.2f})" for s in seeds)
   out = [f"| method | {head} | mean ± 95% CI | n |", "|---|" + "---|" * (len(seeds) + 2)]
   for name, per in vals.items():
-    # plain: one point, the reference below; bf16: the float32 runs to ~1e-5 (bf16_gap), on a shorter grid
-    if name == "plain Adam" or "bf16" in name:
+    # plain Adam / LoRA: one point each, given below; bf16: the float32 runs to ~1e-5 (bf16_gap), on a shorter grid
+    if name in ("plain Adam", "LoRA") or "bf16" in name:
       continue
     cells = " | ".join("n/a" if per[s][0] is None else f"{per[s][0]:.3f}" + ("*" if per[s][1] else "")
                        for s in seeds)
     got = [per[s][0] for s in seeds]
     n = sum(v is not None for v in got)
     out.append(f"| {name} | {cells} | {fmt([v for v in got if v is not None]) if n else 'n/a (out of range)'} | {n} |")
-  notes = via_origin_notes(runs)
+  notes = via_origin_notes(runs, ref)
   if notes:
-    out += ["", "\\* the target lies between plain fine-tuning (lambda 0) and the grid's smallest lambda: "
+    out += ["", "\\* the target lies between lambda 0 (plain fine-tuning; plain LoRA for the LoRA arms) and the grid's "
+            "smallest lambda: "
             + "; ".join(notes) + "."]
   plain = {s: [r for r in rs if r["method"] == "plain"] for s, rs in by_seed(runs).items()}
   if all(plain.values()):
@@ -218,6 +229,12 @@ def at_matched_learning(runs) -> str:
     out += ["", f"Plain fine-tuning (no consolidation), per seed: ppl A "
             f"{', '.join(f'{v:.3f}' for v in pa)} (mean {fmt(pa)}) at ppl B {', '.join(f'{v:.3f}' for v in pb)} "
             f"(mean {fmt(pb)})."]
+  lora = {s: [r for r in rs if r["method"] == "lora"] for s, rs in by_seed(runs).items()}
+  if all(lora.values()):
+    la, lb = [lora[s][0]["ppl_a"][-1] for s in seeds], [lora[s][0]["ppl_b"][-1] for s in seeds]
+    out += ["", f"Plain LoRA (adapters only, no consolidation), per seed: ppl A "
+            f"{', '.join(f'{v:.3f}' for v in la)} (mean {fmt(la)}) at ppl B {', '.join(f'{v:.3f}' for v in lb)} "
+            f"(mean {fmt(lb)})."]
   return "\n".join(out) + "\n"
 
 
@@ -226,10 +243,10 @@ def comparable_arms(vals: dict, seeds) -> list[str]:
   return [a for a, per in vals.items() if "bf16" not in a and all(per.get(s) is not None for s in seeds)]
 
 
-def orderings(runs) -> list[dict]:
+def orderings(runs, ref: str = "plain") -> list[dict]:
   """Per pair of arms (``a`` ahead, i.e. lower mean ppl A): seeds where a < b, paired difference b - a."""
   seeds = sorted(by_seed(runs))
-  vals = matched_by_seed(runs)
+  vals = matched_by_seed(runs, ref=ref)
   arms = comparable_arms(vals, seeds)
   mean = {a: sum(vals[a][s] for s in seeds) / len(seeds) for a in arms}
   out = []
@@ -241,11 +258,11 @@ def orderings(runs) -> list[dict]:
   return out
 
 
-def orderings_table(runs) -> str:
+def orderings_table(runs, ref: str = "plain") -> str:
   """Markdown: each pair, the per-seed differences and whether the ordering held on every seed."""
   lines = ["| ahead (lower ppl A) | behind | ppl A behind - ahead, per seed | mean ± 95% CI | "
            "held on every seed | interval excludes 0 |", "|---|---|---|---|---|---|"]
-  for o in orderings(runs):
+  for o in orderings(runs, ref):
     per = ", ".join(f"{d:+.3f}" for d in o["diffs"])
     ci = f"{o['mean_diff']:.3f}" + ("" if o["n"] < 2 else f" ± {o['ci']:.3f}")
     held = f"**yes** ({o['wins']}/{o['n']})" if o["every_seed"] else f"no ({o['wins']}/{o['n']})"
@@ -375,10 +392,22 @@ def markdown(runs, quick: bool = False, suffix: str = "") -> str:
         "## Final perplexities and Pareto fronts", "", table(runs), "",
         "## Forgetting at matched learning", "",
         f"ppl A where each method's lambda curve reaches ppl B = {MATCH} x plain fine-tuning's, per seed "
-        f"(linear interpolation between grid points, plain fine-tuning being every method's lambda 0; "
-        f"the target is each seed's own), and the mean with a 95% Student-t interval over the n seeds:", "", at_matched_learning(runs), "",
+        f"(linear interpolation between grid points, plain fine-tuning being every full-weight method's "
+        f"lambda 0 and plain LoRA every LoRA method's; "
+        f"the target is each seed's own), and the mean with a 95% Student-t interval over the n seeds:", "",
+        at_matched_learning(runs), "",
         "Orderings at matched learning (float32 methods with a value on every seed; the difference is "
         "paired by seed, positive when the first method forgets less):", "", orderings_table(runs), ""]
+  if any(r["method"] == "lora" for r in runs):
+    md += ["## LoRA against full fine-tuning, at LoRA's learning", "",
+           "LoRA trains rank-8 adapters on the blocks' kernels (`experiments/elephants/adapters.py`) and "
+           "learns less of B than full fine-tuning in the same steps, so the LoRA arms rarely reach the "
+           "target above. Here the target is "
+           f"ppl B = {MATCH} x plain LoRA's, per seed, which every arm's lambda curve can reach: ppl A there "
+           "(same interpolation; lambda 0 is plain fine-tuning for the full-weight arms and plain LoRA for "
+           "the LoRA arms):", "", at_matched_learning(runs, "lora"), "",
+           "Orderings at this target (paired by seed):", "", orderings_table(runs, "lora"), "",
+           "Memory of each arm's training state: `results/memory.md` (`python -m experiments.elephants memory`).", ""]
   if gap is not None:
     md += [f"bfloat16 importance storage: largest |ppl(bf16) - ppl(float32)| over the runs in both "
            f"storages: {gap:.2g}.", ""]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.elephants import data, model as lm, train
+from experiments.elephants import adapters, data, model as lm, train
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -45,6 +45,11 @@ class Scenario:
       ("wva", "sig", "float32", (1.0, 10.0, 100.0, 1000.0)),
       ("wva", "fisher", "bfloat16", (10.0, 100.0)),
       ("ewc", "fisher", "bfloat16", (1.0, 10.0)),
+      # LoRA (adapters.py): rank-8 adapters on the blocks' kernels, base frozen;
+      # EWC / WVA on the effective update A @ B with the base kernels' Fisher.
+      ("lora", None, "float32", (0.0,)),
+      ("lora_ewc", "fisher", "float32", (0.01, 0.1, 1.0, 10.0)),
+      ("lora_wva", "fisher", "float32", (0.1, 1.0, 10.0, 100.0)),
   )
   seed: int = 0
   name: str = "scenario"
@@ -59,7 +64,10 @@ QUICK = Scenario(cfg=lm.Config(d_model=64, heads=2, layers=2, seq_len=32), pretr
                        ("wva", "sig", "float32", (10.0,)),
                        ("ewc", "fisher", "float32", (1.0,)),
                        ("implicit_ewc", "fisher", "float32", (0.1,)),
-                       ("wva", "fisher", "bfloat16", (10.0,))),
+                       ("wva", "fisher", "bfloat16", (10.0,)),
+                       ("lora", None, "float32", (0.0,)),
+                       ("lora_ewc", "fisher", "float32", (100.0,)),
+                       ("lora_wva", "fisher", "float32", (100.0,))),
                  name="scenario-quick")
 
 
@@ -146,6 +154,39 @@ def run_seeds(sc: Scenario = Scenario(), seeds=(0,), log=print, out: pathlib.Pat
   return out
 
 
+def _arrays(sc: Scenario, a, b):
+  """``(train_b, eval_a, eval_b)`` as device arrays: B's train windows, ``eval_size`` held-out of each."""
+  n = sc.sched.eval_size
+  return ((jnp.asarray(b.train), jnp.asarray(b.train_mask)), (jnp.asarray(a.test[:n]), jnp.asarray(a.test_mask[:n])),
+          (jnp.asarray(b.test[:n]), jnp.asarray(b.test_mask[:n])))
+
+
+def lora_lr(sc: Scenario = Scenario(), lrs=(1e-3, 3e-3, 1e-2, 3e-2), log=print) -> str:
+  """Plain LoRA at each Adam learning rate in ``lrs`` (seed ``sc.seed``): how ``adapters.LR`` was chosen.
+
+  Writes ``results/lora_lr[-quick].md`` and returns it: final ppl A and B per
+  learning rate, beside plain full fine-tuning at the scenario's ``lr``.
+  """
+  a, b, apply_fn, params, _, _ = prepare(sc, log)
+  args = (params, None, jnp.float32(0.0), jax.random.key(sc.seed + 1), *_arrays(sc, a, b))
+  rows = [("full fine-tuning (plain Adam)", sc.sched.lr, train.make_run(apply_fn, "plain", sc.sched)(*args)[1])]
+  for lr in lrs:
+    rows.append((f"LoRA rank {adapters.RANK}", lr, train.make_lora_run(apply_fn, "lora", sc.sched, lr=lr)(*args)[1]))
+    nll_a, nll_b = np.asarray(rows[-1][2][-1])
+    log(f"lora lr {lr:g}: ppl A {np.exp(nll_a):.3f}, ppl B {np.exp(nll_b):.3f}")
+  q = " --quick" if sc.name.endswith("quick") else ""
+  md = [f"# LoRA's learning rate (seed {sc.seed})", "",
+        f"Command: `python -m experiments.elephants lora_lr{q}`. Plain LoRA (Adam on rank-{adapters.RANK} "
+        f"adapters, base frozen) after {sc.sched.steps} steps on B at each learning rate; the scenario's LoRA "
+        f"arms use `adapters.LR` = {adapters.LR:g}.", "",
+        "| arm | Adam lr | ppl A (forgetting) | ppl B (learning) |", "|---|---|---|---|"]
+  md += [f"| {name} | {lr:g} | {float(np.exp(c[-1, 0])):.3f} | {float(np.exp(c[-1, 1])):.3f} |" for name, lr, c in rows]
+  text = "\n".join(md) + "\n"
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / f"lora_lr{'-quick' if q else ''}.md").write_text(text)
+  return text
+
+
 def run(sc: Scenario = Scenario(), log=print, out: pathlib.Path | None = None):
   """Every (arm, lambda) of ``sc`` at ``sc.seed`` not yet in ``out``; returns ``out``."""
   out = out or RESULTS / f"{sc.name}.jsonl"
@@ -154,10 +195,7 @@ def run(sc: Scenario = Scenario(), log=print, out: pathlib.Path | None = None):
     log(f"seed {sc.seed}: all runs already in {out.name}")
     return out
   a, b, apply_fn, params, pre, tag = prepare(sc, log)
-  n_eval = sc.sched.eval_size
-  eval_a = (jnp.asarray(a.test[:n_eval]), jnp.asarray(a.test_mask[:n_eval]))
-  eval_b = (jnp.asarray(b.test[:n_eval]), jnp.asarray(b.test_mask[:n_eval]))
-  train_b = (jnp.asarray(b.train), jnp.asarray(b.train_mask))
+  train_b, eval_a, eval_b = _arrays(sc, a, b)
   for method, kind, dtype, lams in left:
     imp, imp_seconds = (None, 0.0) if kind is None else importance(sc, apply_fn, params, a, kind, tag, log)
     fn = train.make_run(apply_fn, method, sc.sched, None if dtype == "float32" else jnp.dtype(dtype))

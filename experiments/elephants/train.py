@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 import wva_jax as wj
-from experiments.elephants import model as lm
+from experiments.elephants import adapters, model as lm
 from experiments.optim import make_optimizer
 
 METHODS = ("plain", "ewc", "wva", "implicit_ewc")
@@ -88,32 +88,67 @@ def make_run(apply_fn, method: str, sched: Schedule, importance_dtype=None):
   """A jitted ``run(params, importance, strength, key, train_b, eval_a, eval_b)``.
 
   Returns ``(params, losses)``, ``losses[k] = (nll_A, nll_B)`` after
-  ``k * eval_every`` steps (``k = 0..steps/eval_every``).
+  ``k * eval_every`` steps (``k = 0..steps/eval_every``). ``method`` may be
+  one of ``adapters.LORA_METHODS``: then only low-rank adapters train
+  (:func:`make_lora_run`).
   """
-  n_evals = sched.steps // sched.eval_every
+  if method in adapters.LORA_METHODS:
+    return make_lora_run(apply_fn, method, sched)
 
   def run(params, importance, strength, key, train_b, eval_a, eval_b):
     tx = make_tx(method, strength, sched.lr, importance_dtype)
     state = consolidated_state(tx, params, importance)
     step = make_train_step(apply_fn, tx)
-    seqs, mask = train_b
-
-    def one_step(carry, k):
-      p, s = carry
-      idx = jax.random.randint(k, (sched.batch,), 0, seqs.shape[0])
-      p, s, _ = step(p, s, seqs[idx], mask[idx])
-      return (p, s), None
-
-    def interval(carry, k):
-      carry, _ = jax.lax.scan(one_step, carry, jax.random.split(k, sched.eval_every))
-      p = carry[0]
-      return carry, jnp.stack([eval_loss(apply_fn, p, *eval_a), eval_loss(apply_fn, p, *eval_b)])
-
-    first = jnp.stack([eval_loss(apply_fn, params, *eval_a), eval_loss(apply_fn, params, *eval_b)])
-    (params, _), curve = jax.lax.scan(interval, (params, state), jax.random.split(key, n_evals))
-    return params, jnp.concatenate([first[None], curve])
+    (params, _), curve = _fine_tune(apply_fn, step, (params, state), lambda c: c[0], sched, key,
+                                    train_b, eval_a, eval_b)
+    return params, curve
 
   return jax.jit(run)
+
+
+def make_lora_run(apply_fn, method: str, sched: Schedule, lr: float = adapters.LR, rank: int = adapters.RANK):
+  """``make_run`` for the LoRA arms: ``params`` frozen, adapters (drawn from ``key``) trained with Adam at ``lr``.
+
+  ``importance`` is the base model's (the full-weight arms' tree); each
+  adapter gets its kernel's (``wj.lora_importance``). Returns the merged
+  params ``W + A @ B`` and the losses.
+  """
+  def run(params, importance, strength, key, train_b, eval_a, eval_b):
+    ad = adapters.init_adapters(params, jax.random.fold_in(key, 1), rank)
+    imp = None if importance is None else wj.lora_importance(importance, ad)
+    tx = adapters.make_tx(method, strength, lr, imp)
+    lora_apply = lambda a, tokens: apply_fn(adapters.merge(params, a), tokens)
+    step = make_train_step(lora_apply, tx)
+    merged = lambda c: adapters.merge(params, c[0])
+    (ad, _), curve = _fine_tune(apply_fn, step, (ad, tx.init(ad)), merged, sched, key, train_b, eval_a, eval_b)
+    return adapters.merge(params, ad), curve
+
+  return jax.jit(run)
+
+
+def _fine_tune(apply_fn, step, carry, to_params, sched: Schedule, key, train_b, eval_a, eval_b):
+  """``sched.steps`` of ``step`` on random B batches from ``carry``; ``(carry, losses)``.
+
+  ``to_params(carry)`` is the model's params (the trained ones, or base + adapters).
+  """
+  n_evals = sched.steps // sched.eval_every
+  seqs, mask = train_b
+
+  def losses(p):
+    return jnp.stack([eval_loss(apply_fn, p, *eval_a), eval_loss(apply_fn, p, *eval_b)])
+
+  def one_step(carry, k):
+    idx = jax.random.randint(k, (sched.batch,), 0, seqs.shape[0])
+    *carry, _ = step(*carry, seqs[idx], mask[idx])
+    return tuple(carry), None
+
+  def interval(carry, k):
+    carry, _ = jax.lax.scan(one_step, carry, jax.random.split(k, sched.eval_every))
+    return carry, losses(to_params(carry))
+
+  first = losses(to_params(carry))
+  carry, curve = jax.lax.scan(interval, carry, jax.random.split(key, n_evals))
+  return carry, jnp.concatenate([first[None], curve])
 
 
 def pretrain(apply_fn, params, domain, *, steps: int, batch: int = 16, lr: float = 2e-3,
