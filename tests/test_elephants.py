@@ -100,14 +100,19 @@ def test_memory_multiples_measured_from_compiled_step():
       assert row["compiled_state_multiple"] == pytest.approx(want, abs=1e-3), row["name"]
 
 
-@pytest.mark.slow
-def test_finetune_run_compiles_once_and_wva_zero_is_adam():
+def _tiny_finetune():
+  """``(apply_fn, params, schedule, (train_b, eval_a, eval_b))``: a TINY model, 4 steps on real B windows."""
   a = data.load_domain("prose", TINY.seq_len)
   b = data.load_domain("code", TINY.seq_len)
   apply_fn, params = lm.init(TINY)
   sched = train.Schedule(batch=4, steps=4, eval_every=2, eval_size=8)
   ev = lambda d: (jnp.asarray(d.test[:8]), jnp.asarray(d.test_mask[:8]))
-  args = (jnp.asarray(b.train[:64]), jnp.asarray(b.train_mask[:64])), ev(a), ev(b)
+  return apply_fn, params, sched, ((jnp.asarray(b.train[:64]), jnp.asarray(b.train_mask[:64])), ev(a), ev(b))
+
+
+@pytest.mark.slow
+def test_finetune_run_compiles_once_and_wva_zero_is_adam():
+  apply_fn, params, sched, args = _tiny_finetune()
   imp = jax.tree_util.tree_map(jnp.ones_like, params)
   key = jax.random.key(0)
   _, plain = train.make_run(apply_fn, "plain", sched)(params, None, 0.0, key, *args)
@@ -231,12 +236,7 @@ def test_adapters_merge_is_w_plus_a_b_on_the_blocks_kernels_only():
 
 @pytest.mark.slow
 def test_lora_run_trains_only_a_low_rank_update_and_lambda_zero_is_plain_lora():
-  a = data.load_domain("prose", TINY.seq_len)
-  b = data.load_domain("code", TINY.seq_len)
-  apply_fn, params = lm.init(TINY)
-  sched = train.Schedule(batch=4, steps=4, eval_every=2, eval_size=8)
-  ev = lambda d: (jnp.asarray(d.test[:8]), jnp.asarray(d.test_mask[:8]))
-  args = (jnp.asarray(b.train[:64]), jnp.asarray(b.train_mask[:64])), ev(a), ev(b)
+  apply_fn, params, sched, args = _tiny_finetune()
   imp = jax.tree_util.tree_map(jnp.ones_like, params)
   key = jax.random.key(0)
   merged, plain = train.make_run(apply_fn, "lora", sched)(params, None, 0.0, key, *args)

@@ -118,23 +118,27 @@ def measure(apply_fn, params, batch, optimizer: str, consolidation: str, dtype,
          "consolidation_multiple": live["consolidation"] / p}
   if not compile:
     return row
-  compiled = jax.jit(train.make_train_step(apply_fn, tx), donate_argnums=(0, 1)).lower(
-      params, state, *batch).compile()
-  ma = compiled.memory_analysis()
-  args, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                            int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
-  undonated = jax.jit(train.make_train_step(apply_fn, tx)).lower(
-      params, state, *batch).compile().memory_analysis()
-  batch_bytes = nbytes(batch)
+  step = train.make_train_step(apply_fn, tx)
+  compiled, fields = compiled_fields(step, (params, state, *batch), nbytes(batch), p)
   held = live_after_donated_steps(compiled, tx, params, batch, consolidation)
-  return {**row, "compiled_argument_bytes": args, "compiled_output_bytes": out,
-          "compiled_alias_bytes": alias, "compiled_temp_bytes": temp, "batch_bytes": batch_bytes,
-          "compiled_state_multiple": (args - batch_bytes) / p,
-          "compiled_peak_multiple": (args + temp + out - alias) / p,
-          "compiled_peak_undonated_multiple": (int(undonated.argument_size_in_bytes)
-                                               + int(undonated.temp_size_in_bytes)
-                                               + int(undonated.output_size_in_bytes)) / p,
-          "live_after_donated_steps_bytes": held, "live_after_donated_steps_multiple": held / p}
+  return {**row, **fields, "live_after_donated_steps_bytes": held, "live_after_donated_steps_multiple": held / p}
+
+
+def compiled_fields(step, args, batch_bytes: int, p: int):
+  """``(compiled step, its memory fields)``: ``step(*args)`` compiled with its first two arguments
+  donated (and once without, for the undonated peak), multiples of ``p`` bytes."""
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+  ma = compiled.memory_analysis()
+  size, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+                            int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
+  undonated = jax.jit(step).lower(*args).compile().memory_analysis()
+  return compiled, {
+      "compiled_argument_bytes": size, "compiled_output_bytes": out, "compiled_alias_bytes": alias,
+      "compiled_temp_bytes": temp, "batch_bytes": batch_bytes,
+      "compiled_state_multiple": (size - batch_bytes) / p,
+      "compiled_peak_multiple": (size + temp + out - alias) / p,
+      "compiled_peak_undonated_multiple": (int(undonated.argument_size_in_bytes) + int(undonated.temp_size_in_bytes)
+                                           + int(undonated.output_size_in_bytes)) / p}
 
 
 def measure_lora(apply_fn, params, batch, method: str) -> dict:
@@ -159,11 +163,7 @@ def measure_lora(apply_fn, params, batch, method: str) -> dict:
     updates, state = tx.update(grads, state, ad)
     return optax.apply_updates(ad, updates), state, loss
 
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(ad, state, params, *batch).compile()
-  ma = compiled.memory_analysis()
-  args, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                            int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
-  undonated = jax.jit(step).lower(ad, state, params, *batch).compile().memory_analysis()
+  compiled, fields = compiled_fields(step, (ad, state, params, *batch), nbytes(batch), p)
   base_live = live_bytes()
   a2, s2 = fresh(ad), tx.init(ad)
   for _ in range(2):
@@ -171,21 +171,13 @@ def measure_lora(apply_fn, params, batch, method: str) -> dict:
   jax.block_until_ready((a2, s2))
   held = live_bytes() - base_live + p   # the base was live before: count it, as in the full-weight rows
   del a2, s2, loss
-  batch_bytes = nbytes(batch)
   return {"name": {"lora": f"adam, LoRA rank {adapters.RANK}", "lora_ewc": "adam, LoRA + lora_ewc",
                    "lora_wva": "adam, LoRA + lora_wva"}[method],
           "optimizer": "adam", "consolidation": method, "importance_dtype": "float32",
           **{f"{k}_bytes": v for k, v in live.items()},
           "adapter_bytes": nbytes(ad),
           "state_multiple": sum(live.values()) / p, "consolidation_multiple": live["consolidation"] / p,
-          "compiled_argument_bytes": args, "compiled_output_bytes": out, "compiled_alias_bytes": alias,
-          "compiled_temp_bytes": temp, "batch_bytes": batch_bytes,
-          "compiled_state_multiple": (args - batch_bytes) / p,
-          "compiled_peak_multiple": (args + temp + out - alias) / p,
-          "compiled_peak_undonated_multiple": (int(undonated.argument_size_in_bytes)
-                                               + int(undonated.temp_size_in_bytes)
-                                               + int(undonated.output_size_in_bytes)) / p,
-          "live_after_donated_steps_bytes": held, "live_after_donated_steps_multiple": held / p}
+          **fields, "live_after_donated_steps_bytes": held, "live_after_donated_steps_multiple": held / p}
 
 
 def fresh(tree):

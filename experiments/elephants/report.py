@@ -223,18 +223,13 @@ def at_matched_learning(runs, ref: str = "plain") -> str:
     out += ["", "\\* the target lies between lambda 0 (plain fine-tuning; plain LoRA for the LoRA arms) and the grid's "
             "smallest lambda: "
             + "; ".join(notes) + "."]
-  plain = {s: [r for r in rs if r["method"] == "plain"] for s, rs in by_seed(runs).items()}
-  if all(plain.values()):
-    pa, pb = [plain[s][0]["ppl_a"][-1] for s in seeds], [plain[s][0]["ppl_b"][-1] for s in seeds]
-    out += ["", f"Plain fine-tuning (no consolidation), per seed: ppl A "
-            f"{', '.join(f'{v:.3f}' for v in pa)} (mean {fmt(pa)}) at ppl B {', '.join(f'{v:.3f}' for v in pb)} "
-            f"(mean {fmt(pb)})."]
-  lora = {s: [r for r in rs if r["method"] == "lora"] for s, rs in by_seed(runs).items()}
-  if all(lora.values()):
-    la, lb = [lora[s][0]["ppl_a"][-1] for s in seeds], [lora[s][0]["ppl_b"][-1] for s in seeds]
-    out += ["", f"Plain LoRA (adapters only, no consolidation), per seed: ppl A "
-            f"{', '.join(f'{v:.3f}' for v in la)} (mean {fmt(la)}) at ppl B {', '.join(f'{v:.3f}' for v in lb)} "
-            f"(mean {fmt(lb)})."]
+  for method, label in (("plain", "Plain fine-tuning (no consolidation)"),
+                        ("lora", "Plain LoRA (adapters only, no consolidation)")):
+    single = {s: [r for r in rs if r["method"] == method] for s, rs in by_seed(runs).items()}
+    if all(single.values()):
+      pa, pb = [single[s][0]["ppl_a"][-1] for s in seeds], [single[s][0]["ppl_b"][-1] for s in seeds]
+      out += ["", f"{label}, per seed: ppl A {', '.join(f'{v:.3f}' for v in pa)} (mean {fmt(pa)}) at ppl B "
+              f"{', '.join(f'{v:.3f}' for v in pb)} (mean {fmt(pb)})."]
   return "\n".join(out) + "\n"
 
 
