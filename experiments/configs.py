@@ -74,6 +74,9 @@ class Experiment:
   # it paired over the fresh seeds (same init and batch order in both arms).
   compare: Sequence[tuple[str, str]] = ()
   data_seed: int = 0
+  # False: reported in results/README.md, but not part of the study's plan, cost
+  # and README headline (issue 13's replicate and seed_author: another protocol).
+  in_study: bool = True
 
   def quick(self) -> "Experiment":
     """A small version that runs the whole pipeline in about a minute or two."""
@@ -219,3 +222,70 @@ QUICKSTART = Experiment(
     [Arm("SGD", SGD), Arm("WVA-Fisher (SGD)", wva("sgd"), (3.0,)),
      Arm("EWC-Fisher (SGD)", ewc("sgd"), (0.003,))],
     steps_per_task=QUICKSTART_STEPS, select_seeds=(), report_seeds=(0,))
+
+
+# ---------------------------------------------------------------- issue 13
+# The seed author's configurations as he ran them (github.com/aakutalev/wva-empirical
+# at f8e5dae, TF scripts model_wva*_*.py): raw importance summed over tasks (no
+# normalisation), sampled ("true") Fisher, his SIG (bias signal after the
+# activation) and his MAS (absolute value of the batch gradient), the placement
+# and viscosity of each script. AUTHOR_BEST is the lambda with the best final mean
+# accuracy in his result file (`python -m experiments.author_results`,
+# results/replicate/author_results.md); each arm's grid is that lambda times
+# REPLICATE_STEPS, selected on SELECT_SEEDS and reported on 10 fresh seeds
+# (5 lambdas x 2 seeds = 10 runs = the fresh batch: one compiled program per arm).
+def author(opt, importance, placement, viscosity="hyperbolic") -> Method:
+  return Method(optimizer=opt, consolidation="wva", importance=importance,
+                placement=placement, viscosity=viscosity, normalize=None)
+
+
+REPLICATE_STEPS = (0.5, 0.71, 1.0, 1.41, 2.0)
+# (method, the author's result file, his best lambda in it)
+AUTHOR_ARMS = (
+    (author("sgd", "fisher_sampled", "gradients"), "wvaFIS-sgd-1x-grads.dmp", 36050.0),
+    (author("sgd", "sig_seed", "gradients"), "wva-sgd-1x-grads.dmp", 1475.0),
+    (author("sgd", "sig_seed", "increments"), "wva-sgd-1x-deltas.dmp", 1650.0),
+    (author("sgd", "sig_seed", "gradients", "exponential"), "wva-sgd-exp-grads.dmp", 143.0),
+    (author("sgd", "mas_batch", "gradients"), "wvaMAS-sgd-1x-grads.dmp", 101550.0),
+    (author("adam", "sig_seed", "increments"), "wva-adam-1x-deltas.dmp", 1285.0),
+    (author("adam", "sig_seed", "gradients"), "wva-adam-1x-grads.dmp", 3450.0),
+    (author("adam", "fisher_sampled", "increments"), "wvaFIS-adam-1x-deltas.dmp", 90050.0),
+    (author("adam", "mas_batch", "increments"), "wvaMAS-adam-1x-deltas.dmp", 170050.0),
+)
+AUTHOR_FILE = {m.label(): f for m, f, _ in AUTHOR_ARMS}
+
+EXPERIMENTS["replicate"] = Experiment(
+    "replicate", "The seed author's configurations as he ran them (raw sampled Fisher, "
+    "his SIG and batch-level MAS, no normalisation), each on a grid around his best "
+    "lambda, against his published result files (issue 13).",
+    [Arm(m.label(), m, tuple(float(round(best * k)) for k in REPLICATE_STEPS))
+     for m, _, best in AUTHOR_ARMS], in_study=False)
+
+# Side by side with the author's code run here (benchmarks/seed_author/): our
+# runner at his two headline settings and lambdas, no selection, plus our own
+# SIG (bias signal before the activation) at his SIG lambda: the swap that
+# separates the two SIGs.
+EXPERIMENTS["seed_author"] = Experiment(
+    "seed_author", "Our runner at the author's settings and lambdas (SGD, WVA on "
+    "gradients, hyperbolic): sampled Fisher at 36050, his SIG and ours at 1650 (issue 13).",
+    [Arm(author("sgd", "fisher_sampled", "gradients").label(),
+         author("sgd", "fisher_sampled", "gradients"), (36050.0,)),
+     Arm(author("sgd", "sig_seed", "gradients").label(),
+         author("sgd", "sig_seed", "gradients"), (1650.0,)),
+     Arm(author("sgd", "sig", "gradients").label(), author("sgd", "sig", "gradients"),
+         (1650.0,))],
+    select_seeds=(), in_study=False,
+    compare=((author("sgd", "sig_seed", "gradients").label(),
+              author("sgd", "sig", "gradients").label()),))
+
+# Every run of the study (and of the author) uses ONE draw of the 9 permutations,
+# so the draw is a fixed effect no number of seeds averages out. Our runner at the
+# author's Fisher setting on other draws (data_seed 1..5; tasks.permutation):
+# how far does the level move with the draw alone? (2 seeds per draw, on this CPU)
+PERM_DRAWS = (1, 2, 3)
+for _d in PERM_DRAWS:
+  EXPERIMENTS[f"seed_author_perms{_d}"] = dataclasses.replace(
+      EXPERIMENTS["seed_author"], name=f"seed_author_perms{_d}", data_seed=_d,
+      arms=EXPERIMENTS["seed_author"].arms[:1], compare=(),
+      question=f"Our runner at the author's Fisher setting (lambda 36050) on permutation "
+               f"draw {_d} (data_seed {_d}) instead of the study's draw 0 (issue 13).")

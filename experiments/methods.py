@@ -14,7 +14,9 @@ OPTIMIZERS = ("sgd", "adam")
 CONSOLIDATIONS = ("none", "wva", "ewc", "implicit_ewc")
 PLACEMENTS = ("increments", "gradients")
 VISCOSITIES = ("hyperbolic", "exponential")
-IMPORTANCES = ("fisher_empirical", "fisher_sampled", "mas", "sig", "si")
+# sig_seed, mas_batch: the seed author's SIG (bias signal after the activation) and
+# MAS (absolute value of the batch gradient), experiments/author_importance.py.
+IMPORTANCES = ("fisher_empirical", "fisher_sampled", "mas", "sig", "si", "sig_seed", "mas_batch")
 DEFAULT_LR = {"sgd": 0.2, "adam": 1e-3}  # the seed's TF runs
 
 
@@ -64,7 +66,8 @@ class Method:
     if not self.protected:
       return opt + (f" ({variant[2:]})" if variant else "")
     imp = {"fisher_empirical": "Fisher", "fisher_sampled": "Fisher(sampled)",
-           "mas": "MAS", "sig": "SIG", "si": "SI"}[self.importance]
+           "mas": "MAS", "sig": "SIG", "si": "SI", "sig_seed": "SIG(author)",
+           "mas_batch": "MAS(batch)"}[self.importance]
     if self.consolidation == "wva":
       where = "grads" if self.placement == "gradients" else "incr"
       visc = "" if self.viscosity == "hyperbolic" else ", exp"

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import optim
+from experiments import author_importance, optim
 from experiments.methods import Method
 from experiments.models import apply_mlp, init_mlp
 from experiments.protocol import BATCH_SIZE, STEPS_PER_TASK
@@ -129,7 +129,11 @@ def consolidate_task(state: RunState, task, data: DeviceData, *, method: Method)
 
   def one(st: RunState):
     key = jax.random.fold_in(st.key, 10_000 + task)
-    new = optim.task_importance(method, apply_fn, st.params, st.opt_state, x, y, key)
+    if method.importance in author_importance.AUTHOR_IMPORTANCES:
+      logit_bias = jnp.where(data.class_mask[task], 0.0, -1e9)
+      new = author_importance.task_importance(method.importance, st.params, x, logit_bias)
+    else:
+      new = optim.task_importance(method, apply_fn, st.params, st.opt_state, x, y, key)
     opt_state, total = optim.consolidate(method, st.opt_state, st.params, st.importance, new)
     return st._replace(opt_state=opt_state, importance=total)
 

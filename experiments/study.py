@@ -135,6 +135,8 @@ class Study:
       self._data = runner.to_device(split, stream)
       self._prov = res.provenance()
       self._prov["data_source"] = split.source
+      import jax  # pylint: disable=import-outside-toplevel
+      self._prov.setdefault("machine", {})["device"] = jax.devices()[0].device_kind
     return self._data
 
   def arm_records(self, arm: Arm, phase: str | None = None) -> list[dict]:
@@ -189,14 +191,17 @@ class Study:
     return len(todo)
 
   def run(self) -> None:
+    # Arm by arm (selection, then its fresh seeds), so a run cut short (a timed
+    # device call) leaves whole arms behind; the set of runs is the same.
     exp = self.exp
-    select = [Job(a, "select", lam, s) for a in exp.arms if len(a.lambdas) > 1
-              for lam in a.lambdas for s in exp.select_seeds]
-    self.run_jobs(select, f"{exp.name}: select lambda")
-    report = [Job(a, "report", lam, s) for a in exp.arms
-              for lam in fresh_lambdas(exp, a, self.arm_records(a, "select"))
-              for s in exp.report_seeds]
-    self.run_jobs(report, f"{exp.name}: fresh seeds")
+    for a in exp.arms:
+      select = [Job(a, "select", lam, s) for lam in (a.lambdas if len(a.lambdas) > 1 else ())
+                for s in exp.select_seeds]
+      self.run_jobs(select, f"{exp.name}: select lambda")
+      report = [Job(a, "report", lam, s)
+                for lam in fresh_lambdas(exp, a, self.arm_records(a, "select"))
+                for s in exp.report_seeds]
+      self.run_jobs(report, f"{exp.name}: fresh seeds")
 
 
 def _bar(runs, tasks, desc, enabled):

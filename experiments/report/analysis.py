@@ -176,9 +176,14 @@ def planned(records, exp):
   return keep
 
 
+def study_experiments() -> dict:
+  """The experiments of the study's plan, cost and headline (``in_study``)."""
+  return {n: e for n, e in EXPERIMENTS.items() if getattr(e, "in_study", True)}
+
+
 def runs_in_plan(root) -> set:
-  """Run ids of every experiment's planned records under ``root``."""
-  return {r["run_id"] for e in EXPERIMENTS.values()
+  """Run ids of every study experiment's planned records under ``root``."""
+  return {r["run_id"] for e in study_experiments().values()
           for r in planned(study.experiment_records(e, root), e)}
 
 
@@ -193,11 +198,11 @@ def cost(root: pathlib.Path):
   """
   walls, batch = {}, {}
   for path in sorted(root.glob("*/runs.jsonl")):
-    if path.parent.name in EXPERIMENTS:
+    if path.parent.name in study_experiments():
       for r in ResultStore(path).records():
         walls[r["run_id"]], batch[r["run_id"]] = r["wall_time_s"], r.get("batch_runs")
   in_plan = runs_in_plan(root)
-  plan = study.study_plan(EXPERIMENTS.values())
+  plan = study.study_plan(study_experiments().values())
   total = sum(new for _, new in plan.values())
   if not walls:
     return None
@@ -224,9 +229,10 @@ def study_summary(root):
   of the plan) and ``total`` (runs planned).
   """
   root = pathlib.Path(root)
-  plan = study.study_plan(EXPERIMENTS.values())
+  experiments = study_experiments()
+  plan = study.study_plan(experiments.values())
   found, answers, status, by_tasks, in_plan = {}, {}, [], [], set()
-  for name, exp in EXPERIMENTS.items():
+  for name, exp in experiments.items():
     records = study.experiment_records(exp, root)
     mine = planned(records, exp)
     in_plan |= {r["run_id"] for r in mine}
@@ -241,7 +247,7 @@ def study_summary(root):
       answers.setdefault((a, b), (name, d, k))
     if exp.select_at:
       by_tasks += [(name, rows) for rows in [lambda_by_tasks(records)] if rows]
-  names = [a.name for exp in EXPERIMENTS.values() for a in exp.arms]
+  names = [a.name for exp in experiments.values() for a in exp.arms]
   pending = [a for a in dict.fromkeys(names) if a not in found]
   return {"arms": found, "answers": answers, "status": status, "by_tasks": by_tasks,
           "pending": pending, "in_plan": len(in_plan),

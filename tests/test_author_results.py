@@ -1,0 +1,58 @@
+"""The restricted unpickler for the seed author's result files (no network, fast)."""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from experiments import author_results as AR
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, ("echo pwned",))
+
+
+def test_rejects_a_pickle_that_calls_os_system():
+  data = pickle.dumps(_Evil(), protocol=3)
+  with pytest.raises(pickle.UnpicklingError, match="os|posix|system"):
+    AR.restricted_loads(data)
+
+
+def test_rejects_numpy_array_reconstruction():
+  with pytest.raises(pickle.UnpicklingError, match="not admitted"):
+    AR.restricted_loads(pickle.dumps(np.zeros(3), protocol=3))
+
+
+def test_accepts_plain_containers_and_numbers():
+  obj = {1.5: [[0.1, 0.2], [0.3]], "k": (1, 2), 7: None, "t": True}
+  assert AR.restricted_loads(pickle.dumps(obj, protocol=3)) == obj
+
+
+def test_reads_a_file_shaped_like_the_authors():
+  # joblib.dump of defaultdict(list): lambda (np.float64) -> runs of np.float32/64 scalars.
+  d = collections.defaultdict(list)
+  d[np.float64(36050.0)].append([np.float32(0.972), np.float64(0.9695)])
+  out = AR.restricted_loads(pickle.dumps(d, protocol=3))
+  assert type(out) is dict
+  (lam, runs), = out.items()
+  assert lam == 36050.0 and isinstance(lam, float)
+  assert runs == [[float(np.float32(0.972)), 0.9695]]
+
+
+def test_defaultdict_only_with_list():
+  d = collections.defaultdict(dict)
+  with pytest.raises(pickle.UnpicklingError):
+    AR.restricted_loads(pickle.dumps(d, protocol=3))
+
+
+def test_pinned_sha256_is_checked():
+  name = "wvaFIS-sgd-1x-grads.dmp"
+  with pytest.raises(ValueError, match="sha256"):
+    AR.read_author_file(pickle.dumps({}, protocol=3), name)
+  with pytest.raises(ValueError, match="not a pinned"):
+    AR.read_author_file(b"", "other.dmp")
+  assert all(len(h) == 64 for h in AR.AUTHOR_SHA256.values())
