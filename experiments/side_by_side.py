@@ -87,11 +87,22 @@ def build(root=ROOT) -> str:
                     for r in rs})
       lines.append(_row(f"{label} ({', '.join(dev)})" if rs else label,
                         [r["mean_acc"] for r in rs], "runs.jsonl"))
+    last = []  # accuracy on each task after the 10th: which tasks are forgotten most
+    for label, Rs in (("author's code here", [g["R"] for k, rs in groups.items() for g in rs
+                                              if tf_label(json.loads(k)) == "author's code here"]),
+                      ("ours", [r["R"] for r in ours if r["arm"] == arm and r["lambda"] == lam])):
+      if Rs:
+        row = [100 * sum(R[-1][j] for R in Rs) / len(Rs) for j in range(len(Rs[0]))]
+        last.append(f"| {label} | {len(Rs)} | " + " ".join(f"{v:.1f}" for v in row) + " |")
     pub = [x for x in author["files"][fname]["lambdas"] if x["lambda"] == lam]
     if pub:
       x = pub[0]
       lines.append(f"| published ({fname}) | {x['n']} | {x['final']:.2f} ± {x['ci']:.2f} | "
                    + " ".join(f"{v:.1f}" for v in x["curve"]) + " | author_results.json |")
+    if last:
+      lines += ["", "Accuracy on each task (1..10) after the 10th, mean over the runs (his "
+                "files keep only the mean curve):", "", "| source | n | tasks 1..10 |",
+                "|---|---|---|"] + last
     lines.append("")
   lines += perms_table(root)
   return "\n".join(lines) + "\n"
@@ -119,8 +130,13 @@ def perms_table(root=ROOT) -> list[str]:
     rs = [r for r in rs if r["seed"] in (100, 101)]  # the same two seeds on every draw
     if rs:
       means.append(sum(100 * r["mean_acc"][-1] for r in rs) / len(rs))
+    weak = ""
+    if rs:  # the two tasks forgotten most after the 10th (mean over the runs)
+      row = [sum(r["R"][-1][j] for r in rs) / len(rs) for j in range(len(rs[0]["R"]))]
+      weak = "; weakest tasks " + ", ".join(str(j + 1) for j in sorted(range(len(row)),
+                                                                        key=row.__getitem__)[:2])
     lines.append(_row(f"{d}" + (" (the study's)" if d == 0 else ""),
-                      [r["mean_acc"] for r in rs], ",".join(str(r["seed"]) for r in rs)))
+                      [r["mean_acc"] for r in rs], ",".join(str(r["seed"]) for r in rs) + weak))
   if len(means) > 1:
     m, h, n = stats.mean_ci(means)
     sd = (sum((x - m) ** 2 for x in means) / (n - 1)) ** 0.5
@@ -171,6 +187,15 @@ def replicate_table(root=ROOT) -> str:
           "0.5, 0.71, 1, 1.41, 2; final mean accuracy after 10 tasks on fresh seeds 100-109, "
           f"95% Student-t CI), run on: {', '.join(machines) or '-'}. Published: his result "
           "files (`author_results.md`); 'at our λ' is his nearest grid point.", ""]
+  if not any(r["phase"] == "select" for r in recs):  # (seed_author's runs pool in as fresh seeds)
+    sa = _jsonl(root / "seed_author" / "runs.jsonl")
+    per_run = sum(r["wall_time_s"] for r in sa) / len(sa) if sa else float("nan")
+    runs = sum(len(a.lambdas) * len(exp.select_seeds) + len(exp.report_seeds) for a in exp.arms)
+    head += [f"Not run yet. Issue 13's one device call was refused (no machine lent), and its "
+             f"{runs} runs would take {runs * per_run / 3600:.1f} hours of this 2-core CPU at "
+             f"the {per_run:.0f} s per run the seed_author runs took here. The command, "
+             "checked with `--quick` on this CPU: `bash benchmarks/seed_author/device_run.sh` "
+             "(carry `data_cache/mnist-u8.npz`). His published values are below.", ""]
   return "\n".join(head + lines) + "\n"
 
 
