@@ -53,7 +53,7 @@ def test_readme_states_numbers_within_the_tested_bounds():
 @pytest.mark.slow
 def test_readme_nnx_snippet_runs_after_the_example():
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-  (nnx_block,) = [b for b in blocks if "nnx.split" in b]
+  (nnx_block,) = [b for b in blocks if "nnx.split" in b and "nnx.Optimizer" in b]
   namespace = {}
   with contextlib.redirect_stdout(io.StringIO()):
     exec(compile(_optax_example(), str(README), "exec"), namespace)
