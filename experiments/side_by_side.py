@@ -50,7 +50,8 @@ def tf_label(cfg):
   swaps = [f"{k} ours" for k in ("init", "batches") if cfg.get(k) == "ours"]
   if cfg.get("sig_bias") == "pre":
     swaps.append("SIG bias pre-activation (as ours)")
-  return "author's code here" + (f", swapped: {', '.join(swaps)}" if swaps else "")
+  draw = f" on permutation draw {cfg['data_seed']}" if cfg.get("data_seed") else ""
+  return "author's code here" + draw + (f", swapped: {', '.join(swaps)}" if swaps else "")
 
 
 def build(root=ROOT) -> str:

@@ -228,12 +228,12 @@ class _Batches:
     return self.x[idx], self.y[idx]
 
 
-def make_tasks(num_tasks):
+def make_tasks(num_tasks, data_seed=0):
   split = D.load_mnist(verbose=False)
   eye = np.eye(10, dtype=np.float32)
   out = []
   for t in range(num_tasks):
-    perm = T.permutation(t, 0)
+    perm = T.permutation(t, data_seed)
     out.append({"train": (split.x_train[:, perm], eye[split.y_train]),
                 "validation": split.x_valid[:, perm],
                 "test": (split.x_test[:, perm], eye[split.y_test])})
@@ -268,6 +268,8 @@ def main(argv=None):
   p.add_argument("--seeds", type=int, nargs="+", default=[0])
   p.add_argument("--tasks", type=int, default=10)
   p.add_argument("--steps-per-task", type=int, default=2200)
+  p.add_argument("--data-seed", type=int, default=0,
+                 help="permutation draw (experiments.tasks.permutation); 0: the study's")
   p.add_argument("--init", choices=["author", "ours"], default="author")
   p.add_argument("--batches", choices=["author", "ours"], default="author")
   p.add_argument("--sig-bias", choices=["post", "pre"], default="post")
@@ -280,12 +282,14 @@ def main(argv=None):
   import tensorflow.compat.v1 as tf  # edit 1
   tf.disable_v2_behavior()
   lr = args.lr or (0.2 if args.optimizer == "sgd" else 0.001)
-  tasks, source = make_tasks(args.tasks)
+  tasks, source = make_tasks(args.tasks, args.data_seed)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   config = {k: getattr(args, k) for k in ("importance", "optimizer", "placement", "viscosity",
                                           "tasks", "steps_per_task", "init", "batches",
                                           "sig_bias")}
+  if args.data_seed:  # keyed only when set, so the draw-0 runs keep their keys
+    config["data_seed"] = args.data_seed
   config["lr"] = lr
   done = set()
   if out.exists():
