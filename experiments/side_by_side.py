@@ -170,8 +170,10 @@ def replicate_table(root=ROOT) -> str:
     # his level without the winner's curse: the mean final over his lambdas in our grid's span
     span = [x["final"] for lam_, x in rows.items() if min(arm.lambdas) <= lam_ <= max(arm.lambdas)]
     level = f"{sum(span) / len(span):.2f} ({len(span)} λ)"
-    if not sel:
-      lines.append(f"| {arm.name} | {fname} | {pub_best} | {level} | (not run) | | | |")
+    n_sel = len(arm.lambdas) * len(exp.select_seeds)
+    if len(sel) < n_sel:   # a lambda is selected only once every selection run is in
+      got = "(not run)" if not sel else f"(selection: {len(sel)} of {n_sel} runs)"
+      lines.append(f"| {arm.name} | {fname} | {pub_best} | {level} | {got} | | | |")
       continue
     lam = study.selected(sel, [exp.tasks])[exp.tasks]
     near = min(rows, key=lambda x: abs(x - lam))
@@ -188,10 +190,15 @@ def replicate_table(root=ROOT) -> str:
           "0.5, 0.71, 1, 1.41, 2; final mean accuracy after 10 tasks on fresh seeds 100-109, "
           f"95% Student-t CI), run on: {', '.join(machines) or '-'}. Published: his result "
           "files (`author_results.md`); 'at our λ' is his nearest grid point.", ""]
+  runs = sum(len(a.lambdas) * len(exp.select_seeds) + len(exp.report_seeds) for a in exp.arms)
+  done = _jsonl(root / "replicate" / "runs.jsonl")
+  if done and len(done) < runs:
+    head += [f"Partial: {len(done)} of the {runs} runs done (`results/replicate/runs.jsonl`; the same "
+             "command runs the rest, skipping finished runs). An arm shows a result once its selection "
+             "runs and fresh seeds are in.", ""]
   if not any(r["phase"] == "select" for r in recs):  # (seed_author's runs pool in as fresh seeds)
     sa = _jsonl(root / "seed_author" / "runs.jsonl")
     per_run = sum(r["wall_time_s"] for r in sa) / len(sa) if sa else float("nan")
-    runs = sum(len(a.lambdas) * len(exp.select_seeds) + len(exp.report_seeds) for a in exp.arms)
     head += [f"Not run yet. Issue 13's one device call was refused (no machine lent), and its "
              f"{runs} runs would take {runs * per_run / 3600:.1f} hours of this 2-core CPU at "
              f"the {per_run:.0f} s per run the seed_author runs took here. The command, "
