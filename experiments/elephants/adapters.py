@@ -50,8 +50,9 @@ def init_adapters(params, key: jax.Array, rank: int = RANK) -> dict:
   if rank < 1:
     raise ValueError(f"rank must be >= 1, got {rank}")
   kernels = {_plain(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  paths = adapted_kernels(params)
   out: dict = {}
-  for k, path in zip(jax.random.split(key, len(adapted_kernels(params))), adapted_kernels(params)):
+  for k, path in zip(jax.random.split(key, len(paths)), paths):
     d_in, d_out = kernels[path].shape
     node = out
     for name in path[:-2]:
