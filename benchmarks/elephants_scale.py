@@ -75,6 +75,7 @@ def child(estimator: str, layers: int, seq_len: int, examples: int, chunk: int, 
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   import wva_jax as wj
   from experiments.elephants import model as lm
 

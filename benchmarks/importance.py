@@ -37,16 +37,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peers as peer_lib  # benchmarks/peers.py (the script's folder is on sys.path)
 
 import wva_jax as wj
 from wva_jax.importance._per_example import chunked
 
-import peers as peer_lib  # benchmarks/peers.py (the script's folder is on sys.path)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from zoo import models as zoo  # noqa: E402  (real model classes: tests/zoo/models.py)
-
 
 # --- models ----------------------------------------------------------------------
 

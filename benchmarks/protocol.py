@@ -158,7 +158,7 @@ def measure(split, args):
       print(f"torch not installed ({e}); pip install torch==2.13.0", file=sys.stderr)
   rows = {k: {"impl": k, "runs": n, "command": _command(), "steady_all": []}
           for k, (n, _) in impls.items()}
-  for k, (n, fn) in impls.items():
+  for k, (_, fn) in impls.items():
     if k.startswith("jax"):
       rows[k]["first (with compile)"], rows[k]["final_mean_acc"] = fn()
       print(json.dumps(rows[k]), flush=True)

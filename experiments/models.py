@@ -8,7 +8,7 @@ of ``{'w': [fan_in, fan_out], 'b': [fan_out]}``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

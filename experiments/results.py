@@ -43,8 +43,10 @@ def git_commit(cwd=None) -> str:
 
 def provenance() -> dict:
   """Git commit, library versions and machine: attached to every record."""
-  import jax, optax  # pylint: disable=import-outside-toplevel,multiple-imports
+  import jax
   import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel,multiple-imports
+
   import wva_jax  # pylint: disable=import-outside-toplevel
   return {"git_commit": git_commit(pathlib.Path(__file__).parent),
           "versions": {"python": platform.python_version(), "jax": jax.__version__,

@@ -14,11 +14,10 @@ import dataclasses
 import pathlib
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from experiments import protocol
+from experiments import protocol, stats
 from experiments import results as res
-from experiments import stats
 from experiments.configs import Arm, Experiment
 from experiments.methods import Method
 
@@ -129,7 +128,8 @@ class Study:
   def data(self):
     if self._data is None:
       # Imported here so that `report` and `--help` never start JAX.
-      from experiments import data as D, runner, tasks  # pylint: disable=import-outside-toplevel
+      from experiments import data as D  # pylint: disable=import-outside-toplevel
+      from experiments import runner, tasks
       split = self._split if self._split is not None else D.load_mnist()
       stream = tasks.make_stream(self.exp.stream, split, self.exp.tasks, self.exp.data_seed)
       self._data = runner.to_device(split, stream)
@@ -170,7 +170,7 @@ class Study:
       for i in range(0, len(group), self.batch_runs):
         batch = group[i:i + self.batch_runs]
         arm = batch[0].arm
-        step = lambda t, n=len(batch): bar.update(n)
+        step = lambda t, n=len(batch): bar.update(n)  # noqa: B008 (binds this batch's size)
         t0 = time.perf_counter()
         R, _ = runner.run_batch(self.data, arm.method, [j.lam for j in batch],
                                 [j.seed for j in batch], num_tasks=T,

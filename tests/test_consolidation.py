@@ -61,7 +61,9 @@ def test_wva_adam_equals_chain_adam_then_wva_scale():
 def test_before_adam_is_cancelled_after_adam_attenuates():
   rng = np.random.default_rng(2)
   big = jax.tree_util.tree_map(lambda i: i * 100.0, IMP)
-  plain, before, after = optax.adam(0.01), optax.chain(wj.wva_scale(big, 1.0), optax.adam(0.01, eps=1e-12)), wj.wva_adam(0.01, big, 1.0)
+  plain = optax.adam(0.01)
+  before = optax.chain(wj.wva_scale(big, 1.0), optax.adam(0.01, eps=1e-12))
+  after = wj.wva_adam(0.01, big, 1.0)
   plain_tiny_eps = optax.adam(0.01, eps=1e-12)
   states = [t.init(PARAMS) for t in (plain_tiny_eps, before, after, plain)]
   for _ in range(5):
@@ -109,7 +111,8 @@ def test_set_importance_swaps_without_retrace():
 
 def test_ewc_penalty_value_and_add_ewc_is_its_gradient():
   anchor = jax.tree_util.tree_map(lambda p: p + 0.5, PARAMS)
-  expected = 0.5 * 3.0 * sum(float(np.sum(np.asarray(IMP[k]) * (np.asarray(PARAMS[k]) - np.asarray(anchor[k])) ** 2)) for k in IMP)
+  expected = 0.5 * 3.0 * sum(float(np.sum(np.asarray(IMP[k]) * (np.asarray(PARAMS[k]) - np.asarray(anchor[k])) ** 2))
+                             for k in IMP)
   assert float(wj.ewc_penalty(PARAMS, anchor, IMP, 3.0)) == pytest.approx(expected, rel=1e-6)
   tx = wj.add_ewc(anchor, IMP, 3.0)
   u, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)

@@ -11,7 +11,8 @@ import pytest
 
 import wva_jax as wj
 from experiments import optim
-from experiments.elephants import adapters, data, memory, model as lm, report, scenario, train
+from experiments.elephants import adapters, data, memory, report, scenario, train
+from experiments.elephants import model as lm
 from experiments.methods import Method
 
 TINY = lm.Config(d_model=16, heads=2, layers=1, seq_len=8)

@@ -1,6 +1,5 @@
 """notebooks/elephants.ipynb runs top to bottom in quick mode (WVA_JAX_NOTEBOOK_QUICK=1)."""
 import math
-import os
 import pathlib
 
 import pytest

@@ -2,16 +2,14 @@
 import functools
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference_models as rm
+from flax import nnx
 
 import wva_jax as wj
-
 from wva_jax.importance._engine import FallbackWarning, engine_report, gradient_sums
 from wva_jax.importance._per_example import per_example_sum
 
@@ -382,7 +380,7 @@ def test_batch_mixing_model_is_refused_by_name_on_every_path(data):
     return apply_fn, variables["params"]
 
   apply_fn, params = split(train=True)
-  for name, call in _estimator_calls(apply_fn, params, data["x"], data["y"]).items():
+  for _name, call in _estimator_calls(apply_fn, params, data["x"], data["y"]).items():
     with pytest.raises(ValueError, match="mixes examples: primitive 'reduce_sum'"):
       call()
   # the same model in evaluation mode is accepted
@@ -394,7 +392,7 @@ def test_batch_mixing_model_is_refused_by_name_on_every_path(data):
 def test_non_array_outputs_get_the_same_clear_error_on_every_path(data):
   params = mlp_init(3)
   tupled = lambda p, x: (jnp.zeros(x.shape[0]), mlp(p, x))
-  for name, call in _estimator_calls(tupled, params, data["x"], data["y"]).items():
+  for _name, call in _estimator_calls(tupled, params, data["x"], data["y"]).items():
     with pytest.raises(ValueError, match=r"returned a tuple of 2 arrays \(shapes \(1,\), \(1, 3\)\)"):
       call()
   dicted = lambda p, x: {"logits": mlp(p, x)}

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compare import leaf_rel_err as rel_err
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import wva_jax as wj
-from compare import leaf_rel_err as rel_err
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,7 @@ import pytest
 
 from experiments import data as D
 from experiments import methods as M
-from experiments import optim
-from experiments import report, results, runner, stats, study, tasks
+from experiments import optim, report, results, runner, stats, study, tasks
 from experiments.configs import EXPERIMENTS, Arm, Experiment
 
 

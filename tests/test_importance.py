@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference_models as rm
 
 import wva_jax as wj
-import reference_models as rm
 
 KEY = jax.random.key(0)
 N = 7  # not a multiple of the chunk sizes used below: exercises padding

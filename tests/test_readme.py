@@ -60,9 +60,10 @@ def test_readme_nnx_snippet_runs_after_the_example():
     exec(compile(nnx_block, str(README), "exec"), namespace)
   optimizer = namespace["optimizer"]
   import jax
+
   import wva_jax as wj
-  (wva_state,) = [s for s in jax.tree_util.tree_leaves(optimizer.opt_state, is_leaf=lambda s: isinstance(s, wj.WVAState))
-                  if isinstance(s, wj.WVAState)]
+  is_wva = lambda s: isinstance(s, wj.WVAState)
+  (wva_state,) = [s for s in jax.tree_util.tree_leaves(optimizer.opt_state, is_leaf=is_wva) if is_wva(s)]
   assert max(float(abs(v.get_value()).max()) for v in jax.tree_util.tree_leaves(
       wva_state.importance, is_leaf=lambda v: hasattr(v, "get_value"))) > 0
 

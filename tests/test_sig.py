@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference_models as rm
 
 from wva_jax.importance.sig import sig

@@ -1,14 +1,13 @@
 """A 3-task toy continual-learning run: WVA and EWC forget measurably less than SGD."""
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference_models as rm
 
 import wva_jax as wj
-import reference_models as rm
 
 # Three tasks trained and compiled per method: run in CI, left out of the fast subset.
 pytestmark = pytest.mark.slow

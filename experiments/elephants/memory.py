@@ -33,7 +33,8 @@ import numpy as np
 import optax
 
 import wva_jax as wj
-from experiments.elephants import adapters, model as lm, train
+from experiments.elephants import adapters, train
+from experiments.elephants import model as lm
 from experiments.optim import make_optimizer
 
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.elephants import adapters, data, model as lm, train
+from experiments.elephants import adapters, data, train
+from experiments.elephants import model as lm
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

@@ -40,10 +40,12 @@ def check() -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import wva_jax as wj
-  from experiments.elephants import model as lm, train
+  from experiments.elephants import model as lm
+  from experiments.elephants import train
   from experiments.elephants.memory import split_state
 
   n_dev = len(jax.devices())

@@ -8,7 +8,7 @@ values, so a whole lambda grid of one method compiles once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,8 @@ import numpy as np
 import optax
 
 import wva_jax as wj
-from experiments.elephants import adapters, model as lm
+from experiments.elephants import adapters
+from experiments.elephants import model as lm
 from experiments.optim import make_optimizer
 
 METHODS = ("plain", "ewc", "wva", "implicit_ewc")

@@ -12,8 +12,7 @@ import pathlib
 
 from experiments.report import analysis, markdown, plots
 from experiments.report.analysis import grid_noise, lambda_by_tasks, paired, summarize
-from experiments.report.markdown import (README_BEGIN, README_END, fmt_ci, headline,
-                                         study_cost, update_readme)
+from experiments.report.markdown import README_BEGIN, README_END, fmt_ci, headline, study_cost, update_readme
 from experiments.report.plots import plot_experiment, plot_lambda_by_tasks, plot_paired
 from experiments.results import ResultStore
 from experiments.study import experiment_records

@@ -9,12 +9,11 @@ finite, non-negative and non-zero. Sequence models carry a padding mask.
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from compare import leaf_rel_err as rel_err
 
 import wva_jax as wj
-from compare import leaf_rel_err as rel_err
 from zoo import models as zm
 
 pytestmark = pytest.mark.slow
