@@ -29,8 +29,9 @@ activations to bf16 as well made a step slower and its temporaries larger
 (checked by hand on one block), so what is bf16 here is every stored tree.
 
 Adam's moments are in bfloat16, the params' dtype: that is what ``optax.adam``
-gives a bf16 model (its second moment always takes the params' dtype;
-``mu_dtype`` covers only the first), and it keeps EWC's state at 10 bytes per
+gives a bf16 model (its second moment takes the params' dtype;
+``mu_dtype`` covers only the first; ``wj.wva_adam``'s ``nu_dtype`` sets the
+second), and it keeps EWC's state at 10 bytes per
 parameter (float32 moments would add 4 more, on a 24 GB machine shared with
 other jobs). The price is precision: bfloat16 cannot represent Adam's 0.1% decay of
 ``nu`` per step (b2 = 0.999), fine for measuring memory and time over a few
