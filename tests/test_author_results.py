@@ -56,3 +56,24 @@ def test_pinned_sha256_is_checked():
   with pytest.raises(ValueError, match="not a pinned"):
     AR.read_author_file(b"", "other.dmp")
   assert all(len(h) == 64 for h in AR.AUTHOR_SHA256.values())
+
+
+def test_draw_offset_is_the_other_draws_mean_minus_draw_0(tmp_path):
+  import json
+
+  from experiments import side_by_side as SBS
+  setting = SBS.SETTINGS[0]
+  finals = {0: (0.88, 0.90), 1: (0.91, 0.91), 2: (0.90, 0.92), 3: (0.93, 0.89)}
+  for d, vals in finals.items():
+    path = tmp_path / ("seed_author" if d == 0 else f"seed_author_perms{d}") / "runs.jsonl"
+    path.parent.mkdir(parents=True)
+    rows = [{"arm": setting[4], "lambda": setting[1], "seed": s, "mean_acc": [0.97, v]}
+            for s, v in zip((100, 101), vals)]
+    rows.append({"arm": setting[4], "lambda": setting[1], "seed": 102, "mean_acc": [0.97, 0.5]})  # not compared
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  offset, sd, n = SBS.draw_offset(tmp_path)
+  means = [89.0, 91.0, 91.0, 91.0]             # per draw, in %, seeds 100 and 101
+  assert n == 4
+  assert offset == pytest.approx(91.0 - 89.0)
+  assert sd == pytest.approx(np.std(means, ddof=1))
+  assert SBS.draw_offset(tmp_path / "empty") is None
