@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 from experiments import stats
+from experiments.report.markdown import update_readme
 
 ROOT = pathlib.Path("results")
 # (setting, lambda, the author's result file, our arm name)
@@ -177,7 +178,7 @@ def _gap_summary(gaps, root) -> list[str]:
     return []
   best = [g[0] for g in gaps]
   level = [g[1] for g in gaps]
-  lines = [f"Over the {len(gaps)} arms with results: ours − his best ranges "
+  lines = [f"Over the {len(gaps)} arms with all their fresh seeds: ours − his best ranges "
            f"{min(best):+.2f} to {max(best):+.2f} (mean {sum(best) / len(best):+.2f}); "
            f"ours − his level {min(level):+.2f} to {max(level):+.2f} (mean {sum(level) / len(level):+.2f})."]
   off = draw_offset(root)
@@ -189,48 +190,67 @@ def _gap_summary(gaps, root) -> list[str]:
   return lines + [""]
 
 
-def replicate_table(root=ROOT) -> str:
-  """Ours (replicate: selected lambda, fresh seeds) beside the author's file."""
+def replicate_arms(root=ROOT):
+  """Per replicate arm: his published values and ours (selected lambda, fresh seeds).
+
+  Returns (experiment, records, rows); a row's ``lam`` is None until every
+  selection run is in, its ``ours`` (mean, CI, n) None until a fresh seed is.
+  """
   from experiments import study  # pylint: disable=import-outside-toplevel
   from experiments.configs import AUTHOR_FILE, EXPERIMENTS
   root = pathlib.Path(root)
   exp = EXPERIMENTS["replicate"]
   author = json.loads((root / "replicate" / "author_results.json").read_text())["files"]
   recs = study.experiment_records(exp, root)
+  out = []
+  for arm in exp.arms:
+    rs = [r for r in recs if r["arm"] == arm.name]
+    sel = [r for r in rs if r["phase"] == "select"]
+    fname = AUTHOR_FILE[arm.name]
+    pub = {x["lambda"]: x for x in author[fname]["lambdas"]}
+    # his level without the winner's curse: the mean final over his lambdas in our grid's span
+    span = [x["final"] for lam_, x in pub.items() if min(arm.lambdas) <= lam_ <= max(arm.lambdas)]
+    row = {"arm": arm.name, "file": fname, "best": pub[author[fname]["best_lambda"]],
+           "level": sum(span) / len(span), "span": len(span), "n_sel": len(sel),
+           "n_sel_planned": len(arm.lambdas) * len(exp.select_seeds), "lam": None, "ours": None}
+    if len(sel) == row["n_sel_planned"]:   # a lambda is selected only once every selection run is in
+      lam = study.selected(sel, [exp.tasks])[exp.tasks]
+      row["lam"] = lam
+      row["near"] = pub[min(pub, key=lambda x: abs(x - lam))]
+      rep = [r["final_mean_acc"] * 100 for r in rs if r["phase"] == "report" and r["lambda"] == lam]
+      row["ours"] = stats.mean_ci(rep) if rep else None
+    out.append(row)
+  return exp, recs, out
+
+
+def replicate_table(root=ROOT) -> str:
+  """Ours (replicate: selected lambda, fresh seeds) beside the author's file."""
+  root = pathlib.Path(root)
+  exp, recs, arms = replicate_arms(root)
   machines = sorted({r.get("machine", {}).get("device", "?") for r in recs})
   lines = ["| arm | author's file | his best λ: published final (n) | published, mean over "
            "his λ in our grid's span | our selected λ | published at our λ (n) | "
            "ours: final ± CI (n) | ours − published at his best | ours − his level |",
            "|---|---|---|---|---|---|---|---|---|"]
   gaps = []
-  for arm in exp.arms:
-    rs = [r for r in recs if r["arm"] == arm.name]
-    sel = [r for r in rs if r["phase"] == "select"]
-    fname = AUTHOR_FILE[arm.name]
-    rows = {x["lambda"]: x for x in author[fname]["lambdas"]}
-    best = rows[author[fname]["best_lambda"]]
+  for a in arms:
+    best = a["best"]
     pub_best = f"{best['lambda']:g}: {best['final']:.2f} ± {best['ci']:.2f} ({best['n']})"
-    # his level without the winner's curse: the mean final over his lambdas in our grid's span
-    span = [x["final"] for lam_, x in rows.items() if min(arm.lambdas) <= lam_ <= max(arm.lambdas)]
-    his_level = sum(span) / len(span)
-    level = f"{his_level:.2f} ({len(span)} λ)"
-    n_sel = len(arm.lambdas) * len(exp.select_seeds)
-    if len(sel) < n_sel:   # a lambda is selected only once every selection run is in
-      got = "(not run)" if not sel else f"(selection: {len(sel)} of {n_sel} runs)"
-      lines.append(f"| {arm.name} | {fname} | {pub_best} | {level} | {got} | | | | |")
+    level = f"{a['level']:.2f} ({a['span']} λ)"
+    if a["lam"] is None:
+      got = "(not run)" if not a["n_sel"] else f"(selection: {a['n_sel']} of {a['n_sel_planned']} runs)"
+      lines.append(f"| {a['arm']} | {a['file']} | {pub_best} | {level} | {got} | | | | |")
       continue
-    lam = study.selected(sel, [exp.tasks])[exp.tasks]
-    near = min(rows, key=lambda x: abs(x - lam))
-    pub_ours = rows[near]
-    rep = [r["final_mean_acc"] * 100 for r in rs if r["phase"] == "report" and r["lambda"] == lam]
-    m, h, n = stats.mean_ci(rep) if rep else (float("nan"), float("nan"), 0)
-    ours = f"{m:.2f} ± {h:.2f} ({n})" if n else "(fresh seeds not run)"
-    diff = f"{m - best['final']:+.2f}" if n else ""
-    diff_level = f"{m - his_level:+.2f}" if n else ""
-    if n:
-      gaps.append((m - best["final"], m - his_level))
-    lines.append(f"| {arm.name} | {fname} | {pub_best} | {level} | {lam:g} | {near:g}: "
-                 f"{pub_ours['final']:.2f} ({pub_ours['n']}) | {ours} | {diff} | {diff_level} |")
+    near = a["near"]
+    if a["ours"] is None:
+      ours, diff, diff_level = "(fresh seeds not run)", "", ""
+    else:
+      m, h, n = a["ours"]
+      ours, diff, diff_level = f"{m:.2f} ± {h:.2f} ({n})", f"{m - best['final']:+.2f}", f"{m - a['level']:+.2f}"
+      if n == len(exp.report_seeds):   # the summary counts finished arms only
+        gaps.append((m - best["final"], m - a["level"]))
+    lines.append(f"| {a['arm']} | {a['file']} | {pub_best} | {level} | {a['lam']:g} | {near['lambda']:g}: "
+                 f"{near['final']:.2f} ({near['n']}) | {ours} | {diff} | {diff_level} |")
   lines += [""] + _gap_summary(gaps, root)
   head = ["# replicate: the author's configurations, ours beside his published files", "",
           "Generated by `python -m experiments.side_by_side`. Ours: "
@@ -256,6 +276,32 @@ def replicate_table(root=ROOT) -> str:
   return "\n".join(head + lines) + "\n"
 
 
+README_BEGIN = ("<!-- replicate: written by `python -m experiments.side_by_side` from "
+                "results/replicate/; edits here are overwritten -->")
+README_END = "<!-- end of replicate -->"
+
+
+def readme_block(root=ROOT) -> list[str]:
+  """The main README's replicate table: his published values, ours, the gaps."""
+  root = pathlib.Path(root)
+  exp, _, arms = replicate_arms(root)
+  lines = ["| his configuration | his best λ: published | his level | ours: λ, final ± CI (n) "
+           "| ours − his best | ours − his level |", "|---|---|---|---|---|---|"]
+  gaps = []
+  for a in arms:
+    best = a["best"]
+    if a["ours"] is None:
+      ours, d1, d2 = "(not complete)", "", ""
+    else:
+      m, h, n = a["ours"]
+      ours, d1, d2 = f"{a['lam']:g}: {m:.2f} ± {h:.2f} ({n})", f"{m - best['final']:+.2f}", f"{m - a['level']:+.2f}"
+      if n == len(exp.report_seeds):   # the summary counts finished arms only
+        gaps.append((m - best["final"], m - a["level"]))
+    lines.append(f"| {a['arm']} | {best['lambda']:g}: {best['final']:.2f} ± {best['ci']:.2f} ({best['n']}) "
+                 f"| {a['level']:.2f} | {ours} | {d1} | {d2} |")
+  return lines + [""] + _gap_summary(gaps, root)[:-1]
+
+
 def main(argv=None):
   args = sys.argv[1:] if argv is None else argv
   root = pathlib.Path(args[0] if args else "results")
@@ -266,6 +312,9 @@ def main(argv=None):
   rep = replicate_table(root)
   (root / "replicate" / "README.md").write_text(rep)
   print(rep)
+  readme = root.resolve().parent / "README.md"
+  if readme.exists() and not update_readme(readme, readme_block(root), begin=README_BEGIN, end=README_END):
+    raise ValueError(f"{readme} has no replicate block: add the lines {README_BEGIN!r} and {README_END!r}")
 
 
 if __name__ == "__main__":

@@ -169,14 +169,14 @@ def headline(root) -> list[str]:
   return lines
 
 
-def update_readme(path, lines) -> bool:
-  """Replaces the text between README_BEGIN and README_END in ``path``; False if absent."""
+def update_readme(path, lines, begin=README_BEGIN, end=README_END) -> bool:
+  """Replaces the text between the ``begin`` and ``end`` lines in ``path``; False if absent."""
   path = pathlib.Path(path)
   text = path.read_text(encoding="utf-8") if path.exists() else ""
-  start, end = text.find(README_BEGIN), text.find(README_END)
-  if start < 0 or end < start:
+  start, stop = text.find(begin), text.find(end)
+  if start < 0 or stop < start:
     return False
-  new = text[:start] + "\n".join([README_BEGIN, "", *lines, ""]) + "\n" + text[end:]
+  new = text[:start] + "\n".join([begin, "", *lines, ""]) + "\n" + text[stop:]
   path.write_text(new, encoding="utf-8")
   return True
 
