@@ -110,16 +110,21 @@ def build(root=ROOT) -> str:
   return "\n".join(lines) + "\n"
 
 
-def perms_table(root=ROOT) -> list[str]:
-  """Our runner at the author's Fisher setting on other permutation draws."""
+def _draw_runs(root) -> dict[int, list[dict]]:
+  """Our runs at his Fisher setting per permutation draw, seeds 100 and 101 (the same on every draw)."""
   from experiments.configs import PERM_DRAWS  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(root)
-  ours = _jsonl(root / "seed_author" / "runs.jsonl")
   arm, lam = SETTINGS[0][4], SETTINGS[0][1]
-  draws = {0: [r for r in ours if r["arm"] == arm and r["lambda"] == lam]}
-  for d in PERM_DRAWS:
-    draws[d] = [r for r in _jsonl(root / f"seed_author_perms{d}" / "runs.jsonl")
-                if r["arm"] == arm and r["lambda"] == lam]
+  sources = {0: root / "seed_author" / "runs.jsonl",
+             **{d: root / f"seed_author_perms{d}" / "runs.jsonl" for d in PERM_DRAWS}}
+  return {d: [r for r in _jsonl(path) if r["arm"] == arm and r["lambda"] == lam and r["seed"] in (100, 101)]
+          for d, path in sources.items()}
+
+
+def perms_table(root=ROOT) -> list[str]:
+  """Our runner at the author's Fisher setting on other permutation draws."""
+  lam = SETTINGS[0][1]
+  draws = _draw_runs(root)
   lines = [f"## The permutation draw: ours, sampled Fisher, λ {lam:g}, on other draws", "",
            "Every run, ours and the author's, trains on one fixed draw of the 9 permutations "
            "(the study's: data_seed 0; the author's: his cached `datasets.dmp`), so the draw "
@@ -129,7 +134,6 @@ def perms_table(root=ROOT) -> list[str]:
            "| draw (data_seed) | n | final | after each task | seeds |", "|---|---|---|---|---|"]
   means = []
   for d, rs in draws.items():
-    rs = [r for r in rs if r["seed"] in (100, 101)]  # the same two seeds on every draw
     if rs:
       means.append(sum(100 * r["mean_acc"][-1] for r in rs) / len(rs))
     weak = ""
@@ -154,16 +158,7 @@ def draw_offset(root=ROOT) -> tuple[float, float, int] | None:
   The same seeds (100, 101) on every draw; ``None`` until the perms runs exist.
   Returns (offset, SD between draws, number of draws).
   """
-  from experiments.configs import PERM_DRAWS  # pylint: disable=import-outside-toplevel
-  root = pathlib.Path(root)
-  arm, lam = SETTINGS[0][4], SETTINGS[0][1]
-  sources = {0: root / "seed_author" / "runs.jsonl",
-             **{d: root / f"seed_author_perms{d}" / "runs.jsonl" for d in PERM_DRAWS}}
-  means = {}
-  for d, path in sources.items():
-    rs = [r for r in _jsonl(path) if r["arm"] == arm and r["lambda"] == lam and r["seed"] in (100, 101)]
-    if rs:
-      means[d] = sum(100 * r["mean_acc"][-1] for r in rs) / len(rs)
+  means = {d: sum(100 * r["mean_acc"][-1] for r in rs) / len(rs) for d, rs in _draw_runs(root).items() if rs}
   others = [v for d, v in means.items() if d != 0]
   if 0 not in means or not others:
     return None
@@ -238,10 +233,13 @@ def replicate_arms(root=ROOT):
   return exp, recs, out
 
 
-def replicate_table(root=ROOT) -> str:
-  """Ours (replicate: selected lambda, fresh seeds) beside the author's file."""
+def replicate_table(root=ROOT, replicated=None) -> str:
+  """Ours (replicate: selected lambda, fresh seeds) beside the author's file.
+
+  ``replicated``: :func:`replicate_arms`'s result, when the caller has it already.
+  """
   root = pathlib.Path(root)
-  exp, recs, arms = replicate_arms(root)
+  exp, recs, arms = replicated or replicate_arms(root)
   machines = sorted({r.get("machine", {}).get("device", "?") for r in recs})
   lines = ["| arm | author's file | his best λ: published final (n) | published, mean over "
            "his λ in our grid's span | our selected λ | published at our λ (n) | "
@@ -289,10 +287,10 @@ README_BEGIN = ("<!-- replicate: written by `python -m experiments.side_by_side`
 README_END = "<!-- end of replicate -->"
 
 
-def readme_block(root=ROOT) -> list[str]:
+def readme_block(root=ROOT, replicated=None) -> list[str]:
   """The main README's replicate table: his published values, ours, the gaps."""
   root = pathlib.Path(root)
-  _, _, arms = replicate_arms(root)
+  _, _, arms = replicated or replicate_arms(root)
   lines = ["| his configuration | his best λ: published | his level | ours: λ, final ± CI (n) "
            "| ours − his best | ours − his level |", "|---|---|---|---|---|---|"]
   for a in arms:
@@ -310,11 +308,12 @@ def main(argv=None):
   out = root / "seed_author" / "README.md"
   out.write_text(text)
   print(text)
-  rep = replicate_table(root)
+  replicated = replicate_arms(root)
+  rep = replicate_table(root, replicated)
   (root / "replicate" / "README.md").write_text(rep)
   print(rep)
   readme = root.resolve().parent / "README.md"
-  if readme.exists() and not update_readme(readme, readme_block(root), begin=README_BEGIN, end=README_END):
+  if readme.exists() and not update_readme(readme, readme_block(root, replicated), begin=README_BEGIN, end=README_END):
     raise ValueError(f"{readme} has no replicate block: add the lines {README_BEGIN!r} and {README_END!r}")
 
 
