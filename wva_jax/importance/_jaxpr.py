@@ -95,6 +95,9 @@ class Plan:
   n_leaves: int
   uses: dict  # leaf -> [Use]
   blocked: dict  # leaf -> [reason]: uses the interpreter cannot see through
+  block_sites: dict = dataclasses.field(default_factory=dict)  # leaf -> [site] of those uses
+  depends: dict = dataclasses.field(default_factory=dict)  # {(prefix, var): True}: depends on the example
+  aliases: frozenset = frozenset()  # top-level vars that are layout aliases of one leaf
 
   def sites(self, leaves) -> list:
     return [u for i in leaves for u in self.uses.get(i, [])]
@@ -263,11 +266,18 @@ def trace(apply_fn: Callable, params, example) -> Plan:
   depends: dict = {}
   _dependence(closed.jaxpr, [False] * n + [True] * (len(closed.jaxpr.invars) - n), (), depends)
 
-  def block(alias, reason):
+  block_sites: dict = {}
+  top_env: dict = {}
+
+  def block(alias, reason, site=None):
     blocked.setdefault(alias[0], []).append(reason)
+    block_sites.setdefault(alias[0], []).append(site)
 
   def walk(jaxpr, in_alias, prefix):
     env = {v: a for v, a in zip(jaxpr.invars, in_alias) if a is not None}
+    if not prefix:
+      top_env.update(env)
+      env = top_env
     for i, eqn in enumerate(jaxpr.eqns):
       ins = [env.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
       idx = [k for k, a in enumerate(ins) if a is not None]
@@ -306,14 +316,14 @@ def trace(apply_fn: Callable, params, example) -> Plan:
           if k < n_consts:
             body_ins[k] = (leaf, path.then(("const", length), loops, permutes=False))
           elif k < n_consts + n_carry:
-            block(ins[k], "scan carry")
+            block(ins[k], "scan carry", site)
           else:
             body_ins[k] = (leaf, path.then(("xs",), loops))
         for j, a in enumerate(walk(inner, body_ins, site)):
           if a is None:
             continue
           if j < n_carry:
-            block(a, "scan carry")
+            block(a, "scan carry", site)
           else:  # stacked back as a scan output (nnx.scan returns its state): an alias again
             leaf, path = a
             env[eqn.outvars[j]] = (leaf, path.then(("ys",), path.loops[:-1]))
@@ -331,14 +341,14 @@ def trace(apply_fn: Callable, params, example) -> Plan:
         else:
           reason = name
         for k in live:
-          block(ins[k], reason)
+          block(ins[k], reason, site)
     return [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
 
   in_alias = [(i, Path()) for i in range(n)] + [None] * (len(closed.jaxpr.invars) - n)
   for a in walk(closed.jaxpr, in_alias, ()):
     if a is not None:
       block(a, "returned as output")
-  return Plan(closed, n, uses, blocked)
+  return Plan(closed, n, uses, blocked, block_sites, depends, frozenset(top_env))
 
 
 def _under_loops(f, n: int):
