@@ -121,5 +121,5 @@ def split(plan: _jaxpr.Plan) -> Split | None:
 
   for i in inputs:  # read by F through a layout op or a constant-operand use
     reasons.setdefault(i, "a parameter transform")
-  shapes = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in frontier)
+  shapes = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in frontier)  # type: ignore[attr-defined]
   return Split(prologue, model, shapes, inputs, reasons)
