@@ -382,7 +382,7 @@ def test_batch_mixing_model_is_refused_by_name_on_every_path(data):
 
   apply_fn, params = split(train=True)
   for _name, call in _estimator_calls(apply_fn, params, data["x"], data["y"]).items():
-    with pytest.raises(ValueError, match="mixes examples: primitive 'reduce_sum'"):
+    with pytest.raises(ValueError, match="mixes examples.*primitive 'reduce_sum'"):
       call()
   # the same model in evaluation mode is accepted
   apply_fn, params = split(train=False)

@@ -43,7 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wva_jax.importance import _jaxpr, _transforms
+from wva_jax.importance import _independence, _jaxpr, _transforms
 from wva_jax.importance._per_example import (
   DEFAULT_CHUNK_SIZE,
   chunked,
@@ -168,7 +168,7 @@ def check_model(apply_fn, params, inputs, what: str = "outputs"):
   """One array of outputs, per example: the contract every estimator relies on."""
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
   out = _jaxpr.check_output(apply_fn, params, example, what)
-  _jaxpr.check_per_example(apply_fn, params, example)
+  _independence.check(apply_fn, params, inputs)
   return out
 
 
