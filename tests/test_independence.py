@@ -73,8 +73,10 @@ def fisher(model, x=X, jit=False):
   return jax.block_until_ready((jax.jit(f) if jit else f)(P))
 
 
-@pytest.mark.parametrize("name", [n if n in ("roll", "capacity-limited routing") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in sorted(MIXING)])
+FAST = ("roll", "capacity-limited routing")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(MIXING)])
 def test_mixing_models_are_refused_eagerly_naming_it(name):
   with pytest.raises(ValueError, match="apply_fn mixes examples: the outputs of other examples changed"):
     fisher(MIXING[name])
