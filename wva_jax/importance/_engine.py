@@ -218,13 +218,15 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
   fallback = [i for i, k in enumerate(kinds) if k.startswith("fallback")]
   factored = [i for i, k in enumerate(kinds)
               if not k.startswith("fallback") and not k.startswith("unused")]
-  outer_leaves = [i for i in factored if kinds[i] == "dense" and i not in joint]
+  # one matmul R(X)^T R(D) per layer (per layer slice inside a scan), decided from the uses
+  outer_leaves = [i for i in factored if _outer(plan.uses[i]) and i not in joint]
   per_ex_leaves = [i for i in factored if i not in outer_leaves]
   fallback_joint = [j for j, i in enumerate(fallback) if i in joint]
   # what _per_example_reduce returns: the per-example leaves, then the pulled-back ones
   ex_out = [i for i in per_ex_leaves if i not in joint] + list(pulled)
   sites = plan.sites(factored)
-  small = not fallback and split is None and all(kinds[i] in ("dense", "bias") for i in factored)
+  small = not fallback and split is None and all(
+      _outer(plan.uses[i]) or all(u.additive for u in plan.uses[i]) for i in factored)
   chunk = resolve_chunk_size(chunk_size, n, DENSE_CHUNK_SIZE if small else DEFAULT_CHUNK_SIZE)
   back = {u.site: _jaxpr.path_transpose(u.path, shapes[u.leaf]) for u in sites}
   (x_chunks, e_chunks), valid = chunked((inputs, extras), n, chunk)

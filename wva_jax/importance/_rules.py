@@ -57,7 +57,10 @@ _LOOP = frozenset({"scan"})
 # op -> the kind engine_report names it by
 _LINEAR = {"dot_general": "dense", "conv_general_dilated": "conv", "mul": "scale",
            "gather": "embedding"}
-_ADDITIVE = {"add": "bias", "sub": "bias", "add_any": "bias"}
+# Linear in the parameter operand with a derivative that reads no other operand: the
+# per-example gradient is the output cotangent's slice (a bias; a parameter
+# concatenated to the activations: a ViT's cls or register tokens, prefix tuning).
+_ADDITIVE = {"add": "bias", "sub": "bias", "add_any": "bias", "concatenate": "concatenated"}
 # Derivative zero (almost everywhere) w.r.t. every operand.
 _ZERO = frozenset({"stop_gradient", "sign", "floor", "ceil", "round", "is_finite",
                    "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor",
