@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import reference_models as rm
 
+import wva_jax as wj
 from wva_jax.importance.sig import sig
 
 RNG = np.random.default_rng(0)
@@ -178,6 +179,11 @@ def test_errors():
   for bad in (0, -2, 1.5, True):
     with pytest.raises(ValueError, match="chunk_size"):
       sig(mlp, MLP, X, chunk_size=bad)
+  # a leaf sig cannot follow gets the magnitude rule |w| with a warning naming it, the
+  # rest of the model keeps its signal (never a refusal of the whole model)
   params = {"w": arr(7, 3), "t": arr(3)}
-  with pytest.raises(ValueError, match=r"'t'.*'exp'"):
-    sig(lambda p, x: (x @ p["w"]) * jnp.exp(p["t"]), params, X)
+  with pytest.warns(wj.importance.FallbackWarning, match=r"'t' \(exp\)"):
+    got = sig(lambda p, x: (x @ p["w"]) * jnp.exp(p["t"]), params, X)
+  np.testing.assert_array_equal(np.asarray(got["t"]), np.abs(np.asarray(params["t"])))
+  want_w = np.abs(np.asarray(params["w"])) * np.abs(np.asarray(X)).mean(0)[:, None]
+  np.testing.assert_allclose(np.asarray(got["w"]), want_w, rtol=1e-6)

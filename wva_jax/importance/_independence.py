@@ -21,6 +21,7 @@ turn and checks that no other example's output moves:
   tolerance for reordered float sums, e.g. ragged groups of another size).
   A competition that this one change does not trigger is not seen.
 
+A model passes once per shape signature (a weak cache keyed by ``apply_fn``).
 With concrete arrays the probe runs at once and refuses by ``ValueError``;
 inside a trace (the estimator called under ``jax.jit``) it runs with the
 computation and a host callback raises the same message at run time. The
@@ -29,6 +30,7 @@ batch axis, found in a trace with a symbolic batch size.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -145,6 +147,24 @@ def _message(detail: str) -> str:
           "and do not roll, reverse or index along the batch axis")
 
 
+# apply_fn -> signatures (shapes and dtypes of params and probe batch) already probed and
+# passed: each model is probed once per compiled shape, as the engine compiles once.
+_PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(params, x) -> tuple:
+  sig = lambda t: (jax.tree_util.tree_structure(t),
+                   tuple((jnp.shape(l), str(jnp.result_type(l))) for l in jax.tree_util.tree_leaves(t)))
+  return sig(params) + sig(x)
+
+
+def _passed(apply_fn) -> set:
+  try:
+    return _PASSED.setdefault(apply_fn, set())
+  except TypeError:  # not weak-referenceable (a functools.partial of a builtin...): no cache
+    return set()
+
+
 def check(apply_fn: Callable, params, inputs) -> None:
   """Refuses a model whose outputs mix examples; see the module docstring."""
   leaves = jax.tree_util.tree_leaves(inputs)
@@ -152,16 +172,22 @@ def check(apply_fn: Callable, params, inputs) -> None:
   if k < 2:
     return
   x = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:k], inputs)
+  signature = _signature(params, x)
+  passed = _passed(apply_fn)
+  if signature in passed:
+    return
   example = jax.tree_util.tree_map(lambda a: a[:1], x)
   moved = jax.jit(lambda p, x: _moved(apply_fn, p, x))(params, x)
   if not isinstance(moved, jax.core.Tracer):
     if bool(moved):
       raise ValueError(_message(suspect(apply_fn, params, example)))
+    passed.add(signature)
     return
   message = _message(suspect(apply_fn, params, example))
 
   def refuse(m):
     if np.any(np.asarray(m)):  # batched under vmap
       raise ValueError(message)
+    passed.add(signature)
 
   jax.debug.callback(refuse, moved)

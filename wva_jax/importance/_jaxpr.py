@@ -228,7 +228,8 @@ def trace(apply_fn: Callable, params, example) -> Plan:
         in_size = math.prod(eqn.invars[0].aval.shape)
         for j, v in enumerate(eqn.outvars):
           # one step per output; a multi-output op (split) keeps output j
-          permutes = name in _rules.PERMUTING or in_size == math.prod(v.aval.shape)
+          permutes = name in _rules.PERMUTING or (
+              name not in _rules.NOT_PERMUTING and in_size == math.prod(v.aval.shape))
           step = ("bind", eqn.primitive, eqn.params) + ((j,) if len(eqn.outvars) > 1 else ())
           env[v] = (leaf, path.then(step, permutes=permutes))
       elif kinds == {_rules.CALL}:

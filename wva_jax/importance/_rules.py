@@ -50,8 +50,9 @@ ZERO = "zero"
 OPAQUE = "opaque"
 
 # Single-operand ops that only move, copy, broadcast or select elements: linear.
+# neg: -w, with |.| and (.)^2 unchanged; sharding_constraint: sharded LLM code puts one on every weight.
 _LAYOUT = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
-                     "copy", "copy_p", "rev", "slice", "reduce_precision"})
+                     "copy", "copy_p", "rev", "slice", "reduce_precision", "neg", "sharding_constraint"})
 _CALL = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
 _LOOP = frozenset({"scan"})
 # op -> the kind engine_report names it by
@@ -119,5 +120,8 @@ def is_additive(name: str) -> bool:
 
 # Layout ops whose output holds each input element exactly once (no copies,
 # no dropped elements): |.| and (.)^2 commute with them.
+# Layout ops that change values (R(X)^T R(D) mapped back through neg would come out
+# negated): never a permutation, whatever their sizes.
+NOT_PERMUTING = frozenset({"neg"})
 PERMUTING = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "copy", "copy_p",
-                       "rev", "convert_element_type", "reduce_precision"})
+                       "rev", "convert_element_type", "reduce_precision", "sharding_constraint"})
