@@ -41,6 +41,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -210,10 +211,10 @@ def save_importance(path: str | os.PathLike, importance: Any, *, metadata: Mappi
 
   sharded = max_shard_bytes is not None and total > max_shard_bytes
   groups: list[list[int]] = [[]]
-  if sharded:
+  if max_shard_bytes is not None and sharded:
     used = 0
     for i, size in enumerate(sizes):
-      if groups[-1] and used + size > max_shard_bytes:  # type: ignore[operator]
+      if groups[-1] and used + size > max_shard_bytes:
         groups.append([])
         used = 0
       groups[-1].append(i)
@@ -348,8 +349,9 @@ def load_importance(path: str | os.PathLike, like: Any = None) -> Any:
         raise ValueError(f"tensor {name!r} in {path!s} has shape {shape}, but like{_show(name)} has "
                          f"shape {tuple(jnp.shape(template))}")
       sharding = getattr(template, "sharding", None)
+      value: Any
       if isinstance(sharding, jax.sharding.Sharding):
-        value = jax.make_array_from_callback(shape, sharding, lambda index, sl=sl: sl[index])
+        value = jax.make_array_from_callback(shape, sharding, partial(_read_slice, sl))
       else:
         value = jnp.asarray(sl[:])
       leaves.append(leaf.replace(value) if _is_variable(leaf) else value)
@@ -358,6 +360,10 @@ def load_importance(path: str | os.PathLike, like: Any = None) -> Any:
   finally:
     for h in handles.values():
       h.__exit__(None, None, None)
+
+
+def _read_slice(sl: Any, index: Any) -> np.ndarray:
+  return sl[index]
 
 
 def _show(name: str) -> str:
