@@ -19,6 +19,8 @@ from flax import nnx  # noqa: E402
 
 import wva_jax as wj  # noqa: E402
 
+pytestmark = pytest.mark.slow   # tunix model code and PeftTrainer: every test compiles a transformer step
+
 RANK, ALPHA = 3, 6.0
 SCALE = ALPHA / RANK
 B, L = 2, 6
@@ -164,3 +166,174 @@ def test_qwix_transforms_accept_the_layout(qwix_setup):
   bi["layers"][0]["attn"]["q_proj"]["w"] = w.replace(jnp.transpose(w[...], (1, 0, 2)))
   got = paths(wj.lora_importance(bi, lora))
   np.testing.assert_array_equal(got[q], np.asarray(base_imp["layers"][0]["attn"]["q_proj"]["w"][...]))
+
+
+# ----------------------------------------------------------------- inside tunix's PeftTrainer
+
+peft_trainer = pytest.importorskip("tunix.sft.peft_trainer")
+import optax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+STEPS, LR = 6, 1e-2
+
+
+def batches(n, seed=0):
+  """``n`` training examples for tunix's default loss (next-token NLL), one fixed batch of random tokens."""
+  tokens, positions, mask = inputs(seed, batch=4)
+  ex = {"input_tokens": tokens, "input_mask": jnp.ones_like(tokens), "positions": positions, "attention_mask": mask}
+  return [ex] * n
+
+
+def important(path_keys):
+  return "attn" in path_keys
+
+
+def attn_importance(params, value=1.0, dtype=jnp.float32):
+  """1 on the attention weights, 0 elsewhere: a very large strength must freeze attention only."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, v: jnp.full(v.shape, value if important(key_path(p)) else 0.0, dtype), params)
+
+
+def train(tx, *, lora=False, setup=None, steps=STEPS, ckpt=None, data=None):
+  model = lora_model() if lora else tunix_qwen3.Qwen3(config(), rngs=nnx.Rngs(0))
+  opts = None if ckpt is None else ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=3)
+  trainer = peft_trainer.PeftTrainer(model, tx, peft_trainer.TrainingConfig(
+      eval_every_n_steps=1000, max_steps=steps, checkpoint_root_directory=ckpt, checkpointing_options=opts,
+      pbar_description=None))
+  before = nnx.state(model, nnx.LoRAParam if lora else nnx.Param)
+  before = jax.tree_util.tree_map(np.asarray, before)
+  if setup is not None and trainer.train_steps == 0:   # on resume the restored state already holds them
+    setup(trainer, model)
+  trainer.train(data if data is not None else batches(steps))
+  return trainer, model, before
+
+
+def moved(before, after, want_important):
+  """Largest |after - before| over the important (or the other) parameters."""
+  b, a = paths(before), paths(after)
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in b if important(k) == want_important)
+
+
+@pytest.mark.slow
+def test_wva_adam_in_peft_trainer_freezes_the_important_weights():
+  _, plain, p0 = train(optax.adam(LR))
+
+  def setup(trainer, model):
+    trainer.optimizer = wj.set_importance(trainer.optimizer, attn_importance(nnx.state(model, nnx.Param)))
+
+  trainer, wva, w0 = train(wj.wva_adam(LR, None, 1e6), setup=setup)
+  p1, w1 = nnx.state(plain, nnx.Param), nnx.state(wva, nnx.Param)
+  assert moved(p0, p1, True) > 10 * STEPS * LR * 1e-2   # plain Adam moves attention
+  assert moved(w0, w1, True) < 1e-5 * moved(p0, p1, True)   # WVA at lambda = 1e6 freezes it
+  assert moved(w0, w1, False) > 0.5 * moved(p0, p1, False)   # and the rest learns
+  m = wj.training_metrics(trainer.optimizer, strength=1e6)
+  assert float(m["wva/attenuation_min"]) < 1e-5 and float(m["wva/importance_max"]) == 1.0
+
+
+@pytest.mark.slow
+def test_add_ewc_in_peft_trainer_pulls_the_important_weights_back():
+  # SGD with lr * lambda * F = 1: each step lands on the anchor minus one step of the task gradient,
+  # where plain SGD accumulates STEPS of them.
+  lam = 1.0 / LR
+  _, plain, p0 = train(optax.sgd(LR))
+
+  def setup(trainer, model):
+    params = nnx.state(model, nnx.Param)
+    trainer.optimizer = wj.set_anchor(trainer.optimizer, params)
+    trainer.optimizer = wj.set_importance(trainer.optimizer, attn_importance(params))
+
+  trainer, ewc, e0 = train(optax.chain(wj.add_ewc(None, None, lam), optax.sgd(LR)), setup=setup)
+  p1, e1 = nnx.state(plain, nnx.Param), nnx.state(ewc, nnx.Param)
+  assert moved(e0, e1, True) < 0.4 * moved(p0, p1, True)
+  assert moved(e0, e1, False) > 0.8 * moved(p0, p1, False)
+  m = wj.training_metrics(trainer.optimizer, nnx.state(ewc, nnx.Param), strength=lam)
+  assert float(m["ewc/penalty"]) > 0 and float(m["ewc/drift"]) > 0
+
+
+def lora_importance_for(model, scale=SCALE):
+  _, lora, base, _ = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+  return wj.lora_importance(attn_importance(base), lora, scale=scale)
+
+
+def delta_norms(model):
+  """||delta W|| per adapted weight (dense, NumPy), split into important and other."""
+  _, lora, _, _ = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+  out = {True: 0.0, False: 0.0}
+  for p, (a, b) in adapter_table(lora).items():
+    out[important(p)] = max(out[important(p)], float(np.max(np.abs(dense_delta(a, b)))))
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora_wva", "lora_ewc"])
+def test_lora_in_peft_trainer_keeps_the_important_updates_small(method):
+  _, plain, _ = train(optax.adam(LR), lora=True)
+
+  def setup(trainer, model):
+    trainer.optimizer = wj.set_importance(trainer.optimizer, lora_importance_for(model))
+
+  if method == "lora_wva":
+    tx = optax.chain(optax.adam(LR), wj.lora_wva_scale(None, 1e6))
+  else:
+    tx = optax.chain(wj.add_lora_ewc(None, 1e4), optax.adam(LR))
+  trainer, tuned, _ = train(tx, lora=True, setup=setup)
+  assert trainer._lora_enabled   # PeftTrainer trains the LoRAParams only
+  dp, dt = delta_norms(plain), delta_norms(tuned)
+  assert dp[True] > 0 and dp[False] > 0
+  limit = 1e-4 if method == "lora_wva" else 0.5
+  assert dt[True] < limit * dp[True], (dt, dp)
+  assert dt[False] > 0.5 * dp[False], (dt, dp)
+  _, lora, _, _ = nnx.split(tuned, nnx.LoRAParam, nnx.Param, ...)
+  m = wj.training_metrics(trainer.optimizer, lora, strength=1e6 if method == "lora_wva" else 1e4)
+  assert "lora/penalty" in m and "lora/attenuation_min" in m
+
+
+def opt_leaves(trainer):
+  state = nnx.state(trainer.optimizer, nnx.optimizer.OptState)
+  return [(jax.tree_util.keystr(p), v.dtype, v.shape, np.asarray(v).tobytes())
+          for p, v in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_tunix_checkpoint_resume_is_bit_identical_and_keeps_dtypes(tmp_path, lora):
+  """Train 2N steps at once, or N, stop, restore from tunix's checkpoint and train N more: the same bits.
+
+  The state holds a bfloat16 importance (WVA / LoRA-WVA) and an EWC anchor and importance; the restored
+  state must keep every dtype and the tree structure.
+  """
+  half = 3
+  if lora:
+    def tx():
+      return optax.chain(wj.add_lora_ewc(None, 10.0), optax.adam(LR),
+                         wj.lora_wva_scale(None, 10.0, importance_dtype=jnp.bfloat16))
+
+    def setup(trainer, model):
+      trainer.optimizer = wj.set_importance(trainer.optimizer, lora_importance_for(model))
+  else:
+    def tx():
+      return optax.chain(wj.add_ewc(None, None, 10.0), optax.adam(LR),
+                         wj.wva_scale(None, 10.0, importance_dtype=jnp.bfloat16))
+
+    def setup(trainer, model):
+      params = nnx.state(model, nnx.Param)
+      trainer.optimizer = wj.set_anchor(trainer.optimizer, params)
+      trainer.optimizer = wj.set_importance(trainer.optimizer, attn_importance(params))
+
+  data = batches(1) + batches(1, seed=1) + batches(1, seed=2) + batches(1, seed=3) + batches(2, seed=4)
+  straight, straight_model, _ = train(tx(), lora=lora, setup=setup, steps=2 * half, data=data)
+  first, _, _ = train(tx(), lora=lora, setup=setup, steps=half, data=data, ckpt=str(tmp_path))
+  saved = opt_leaves(first)
+  resumed, resumed_model, _ = train(tx(), lora=lora, setup=setup, steps=2 * half, data=data, ckpt=str(tmp_path))
+  assert resumed._train_steps == 2 * half
+  # the restored state: same structure and dtypes as the one saved (bf16 importance included)
+  wvas = wj.state.find_states(resumed.optimizer, (wj.WVAState, wj.LoRAState))
+  assert any(jax.tree_util.tree_leaves(s.importance)[0].dtype == jnp.bfloat16 for s in wvas)
+  got, want = opt_leaves(resumed), opt_leaves(straight)
+  assert [(k, d, s) for k, d, s, _ in got] == [(k, d, s) for k, d, s, _ in want]
+  assert [(k, d, s) for k, d, s, _ in saved] == [(k, d, s) for k, d, s, _ in want]
+  assert [b for *_, b in got] == [b for *_, b in want]
+  kind = nnx.LoRAParam if lora else nnx.Param
+  want_params = paths(nnx.state(straight_model, kind))
+  for k, a in paths(nnx.state(resumed_model, kind)).items():
+    assert a.tobytes() == want_params[k].tobytes(), k
