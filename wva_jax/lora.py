@@ -17,6 +17,18 @@ separate transform (``optax.partition``). A pair may be stacked over leading
 axes (``A [L, d_in, r]``, ``B [L, r, d_out]``, e.g. from ``nnx.scan``); its
 importance is then ``[L, d_in, d_out]``.
 
+qwix (``qwix.apply_lora_to_model``) stores a weight ``w``'s adapter as leaves
+``w_lora_a`` / ``w_lora_b`` beside ``w``: a mapping whose keys are all such
+pairs is an adapter node, one adapter per weight, at the path ``module path +
+('w',)`` (the weight's own path); its importance sits there too
+(``{'w': F}``). On an ``einsum`` weight qwix's ``A`` is ``[contracted axes...,
+r]`` and ``B`` ``[r, other axes...]`` with ``delta W = tensordot(A, B, 1)``,
+handled as the matrix ``A.reshape(-1, r) @ B.reshape(r, -1)``; its importance
+has the shape ``A.shape[:-1] + B.shape[1:]``. (A qwix ``dot_general`` adapter
+with batch axes, ``A [batch..., d_in, r]``, ``B [batch..., r, d_out]``, is a
+stack as above; the stacked reading is tried first.) qwix scales the update
+by ``alpha / rank``: see :func:`lora_importance`'s ``scale``.
+
 The importance tree has one array per adapter, shaped like the base kernel
 (``A.shape[:-1] + B.shape[-1:]``), at the adapter's place in the tree: build
 it from the base model's importance (any :mod:`wva_jax.importance`
