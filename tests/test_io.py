@@ -206,6 +206,9 @@ def test_fisher_merge_matches_numpy(weights):
                              rtol=1e-6, atol=1e-7)
   jitted = jax.jit(lambda ps, fs: wj.fisher_merge(ps, fs, weights=weights))(params, fishers)
   np.testing.assert_allclose(np.asarray(jitted["a"]), np.asarray(got["a"]), rtol=1e-6, atol=1e-7)
+  # importances closed over (concrete) inside a jitted function: checked at trace time, no error
+  closed = jax.jit(lambda eps: wj.fisher_merge(params, fishers, eps=eps, weights=weights))(1e-8)
+  np.testing.assert_allclose(np.asarray(closed["a"]), np.asarray(got["a"]), rtol=1e-6, atol=1e-7)
 
 
 def test_fisher_merge_dtype_and_nnx_state():

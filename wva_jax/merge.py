@@ -94,8 +94,10 @@ def fisher_merge(params_list: Sequence[optax.Params], importances: Sequence[opta
         if jnp.shape(leaf) != jnp.shape(ref):
           raise ValueError(f"{what}[{i}]{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}, but "
                            f"params_list[0] has {jnp.shape(ref)} there")
-  for i, imp in enumerate(importances):
-    check_importance_values(imp, f"importances[{i}]")
+  # Concrete arrays closed over by a jitted caller are checked now (compile-time eval), tracers are skipped.
+  with jax.ensure_compile_time_eval():
+    for i, imp in enumerate(importances):
+      check_importance_values(imp, f"importances[{i}]")
 
   flat = [jax.tree_util.tree_leaves(p) for p in params_list]
   flat_f = [jax.tree_util.tree_leaves(f) for f in importances]
