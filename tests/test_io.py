@@ -162,6 +162,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # a subprocess with 4 CPU devices (XLA_FLAGS must precede jax's import)
 def test_loads_straight_into_sharded_like(tmp_path):
   script = tmp_path / "load_sharded.py"
   script.write_text(SHARDED_SCRIPT)
