@@ -86,6 +86,16 @@ def report(store: ResultStore, scenario_jsonl=scenario.RESULTS / "scenario.jsonl
            "plain average `(1 - alpha) theta_A + alpha theta_B`. Held-out perplexity after the scenario's "
            f"{recs[0]['config']['schedule']['steps'] if recs else '?'} fine-tuning steps; "
            "lower is better on both.", ""]
+  if len(seeds) > 1:
+    lines += [f"## Mean over seeds {', '.join(map(str, seeds))} (min - max)", "",
+              "| model | alpha | ppl A (old) | ppl B (new) |", "|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["method"], r["alpha"]) for r in recs))
+    for method, alpha in keys:
+      rs = [r for r in recs if (r["method"], r["alpha"]) == (method, alpha)]
+      pa, pb = np.array([r["ppl_a"] for r in rs]), np.array([r["ppl_b"] for r in rs])
+      lines.append(f"| {method} | {'' if alpha is None else alpha} | {pa.mean():.3f} ({pa.min():.3f} - {pa.max():.3f}) "
+                   f"| {pb.mean():.3f} ({pb.min():.3f} - {pb.max():.3f}) |")
+    lines.append("")
   for seed in seeds:
     rs = [r for r in recs if r["seed"] == seed]
     lines += [f"## Seed {seed}", "", "| model | alpha | ppl A (old) | ppl B (new) |", "|---|---|---|---|"]
