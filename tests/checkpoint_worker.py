@@ -159,7 +159,7 @@ def run_nnx(directory):
       opt = nnx.Optimizer(model, tx, wrt=wrt)
       if lora:
         _, adapters, base, _ = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
-        wj.set_importance(opt, wj.lora_importance(_importance(base), adapters))
+        wj.set_importance(opt, wj.lora_importance(base_importance=_importance(base), adapters=adapters))
       else:
         params = nnx.state(model, nnx.Param)
         wj.set_importance(opt, _importance(params))

@@ -43,7 +43,7 @@ def get(tree, path):
 
 
 def test_importance_sits_at_the_weights_paths_scaled():
-  imp = wj.lora_importance(BASE, ADAPTERS, scale=S)
+  imp = wj.lora_importance(base_importance=BASE, adapters=ADAPTERS, scale=S)
   assert set(imp["mlp"]) == {"k1", "k2"} and set(imp["attn"]["q"]) == {"w"}
   for name, path in PATH.items():
     got = np.asarray(get(imp, path))
@@ -52,7 +52,7 @@ def test_importance_sits_at_the_weights_paths_scaled():
 
 
 def test_penalty_gradient_and_pullback_match_numpy():
-  imp = wj.lora_importance(BASE, ADAPTERS, scale=S)
+  imp = wj.lora_importance(base_importance=BASE, adapters=ADAPTERS, scale=S)
   lam = 0.3
   want = sum(0.5 * lam * np.sum(F[n].reshape(dense(n).shape) * dense(n) ** 2) for n in A)
   np.testing.assert_allclose(float(wj.lora_ewc_penalty(ADAPTERS, imp, lam)), want, rtol=1e-5)
@@ -75,7 +75,7 @@ def test_penalty_gradient_and_pullback_match_numpy():
 
 
 def test_transforms_keep_the_layout_under_jit():
-  imp = wj.lora_importance(BASE, ADAPTERS, scale=S)
+  imp = wj.lora_importance(base_importance=BASE, adapters=ADAPTERS, scale=S)
   params = jax.tree_util.tree_map(jnp.asarray, ADAPTERS)
   tx = optax.chain(wj.add_lora_ewc(None, 1.0), optax.adam(1e-2), wj.lora_wva_scale(None, 1.0))
   state = wj.set_importance(tx.init(params), imp)
@@ -86,12 +86,13 @@ def test_transforms_keep_the_layout_under_jit():
 def test_transposed_kernel_and_errors():
   base = {"attn": {"q": {"w": np.transpose(F["q"], (1, 0, 2))}}}   # 'NDH' instead of 'DNH'
   ad = {"attn": {"q": ADAPTERS["attn"]["q"]}}
-  np.testing.assert_array_equal(np.asarray(wj.lora_importance(base, ad)["attn"]["q"]["w"]), F["q"])
+  got = wj.lora_importance(base_importance=base, adapters=ad)
+  np.testing.assert_array_equal(np.asarray(got["attn"]["q"]["w"]), F["q"])
   # A [3, r], B [r, 3, 4, 3]: a kernel [3, 4, 3, 3] fits by moving its axis 2 or its axis 3 first
   ambiguous = {"m": {"w_lora_a": r(3, 2), "w_lora_b": r(2, 3, 4, 3)}}
   with pytest.raises(ValueError, match="in 2 ways"):
-    wj.lora_importance({"m": {"w": np.ones((3, 4, 3, 3))}}, ambiguous)
+    wj.lora_importance(base_importance={"m": {"w": np.ones((3, 4, 3, 3))}}, adapters=ambiguous)
   with pytest.raises(ValueError, match="not part of an adapter pair"):
-    wj.lora_importance(BASE, {"m": {"w_lora_a": r(3, 2)}})
+    wj.lora_importance(base_importance=BASE, adapters={"m": {"w_lora_a": r(3, 2)}})
   with pytest.raises(ValueError, match=r"\['attn'\]\['q'\]\['w'\].*has shape"):
-    wj.lora_importance({"attn": {"q": {"w": np.ones((4, 4, 5))}}}, ad)
+    wj.lora_importance(base_importance={"attn": {"q": {"w": np.ones((4, 4, 5))}}}, adapters=ad)

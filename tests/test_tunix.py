@@ -104,7 +104,7 @@ def test_qwix_delta_w_is_the_dense_update(qwix_setup):
 def test_qwix_importance_penalty_and_gradient_match_the_dense_form(qwix_setup):
   _, lora, _, base_imp = qwix_setup
   lam = 0.7
-  imp = wj.lora_importance(base_imp, lora, scale=SCALE)
+  imp = wj.lora_importance(base_importance=base_imp, adapters=lora, scale=SCALE)
   table = adapter_table(lora)
   base_flat = paths(base_imp)
   imp_flat = paths(imp)
@@ -151,7 +151,7 @@ def adapter_table_jnp(lora):
 
 def test_qwix_transforms_accept_the_layout(qwix_setup):
   _, lora, _, base_imp = qwix_setup
-  imp = wj.lora_importance(base_imp, lora, scale=SCALE)
+  imp = wj.lora_importance(base_importance=base_imp, adapters=lora, scale=SCALE)
   for tx in (wj.add_lora_ewc(imp, 1.0), wj.lora_wva_scale(imp, 1.0), wj.add_lora_ewc(None, 1.0)):
     state = tx.init(lora)
     ones = jax.tree_util.tree_map(jnp.ones_like, lora)
@@ -164,7 +164,7 @@ def test_qwix_transforms_accept_the_layout(qwix_setup):
   bi = jax.tree_util.tree_map(lambda x: x, base_imp)
   w = bi["layers"][0]["attn"]["q_proj"]["w"]
   bi["layers"][0]["attn"]["q_proj"]["w"] = w.replace(jnp.transpose(w[...], (1, 0, 2)))
-  got = paths(wj.lora_importance(bi, lora))
+  got = paths(wj.lora_importance(base_importance=bi, adapters=lora))
   np.testing.assert_array_equal(got[q], np.asarray(base_imp["layers"][0]["attn"]["q_proj"]["w"][...]))
 
 
@@ -252,7 +252,7 @@ def test_add_ewc_in_peft_trainer_pulls_the_important_weights_back():
 
 def lora_importance_for(model, scale=SCALE):
   _, lora, base, _ = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
-  return wj.lora_importance(attn_importance(base), lora, scale=scale)
+  return wj.lora_importance(base_importance=attn_importance(base), adapters=lora, scale=scale)
 
 
 def delta_norms(model):
