@@ -6,6 +6,7 @@ velocity attenuation, WVA) restrain changes to important parameters.
 """
 from wva_jax import importance, metrics, sharding
 from wva_jax.ewc import EWCState, add_ewc, ewc_penalty, implicit_ewc
+from wva_jax.io import importance_metadata, load_importance, save_importance
 from wva_jax.lora import (
   LoRAState,
   add_lora_ewc,
@@ -15,6 +16,8 @@ from wva_jax.lora import (
   lora_pullback,
   lora_wva_scale,
 )
+from wva_jax.merge import fisher_merge
+from wva_jax.monitor import training_metrics
 from wva_jax.state import set_anchor, set_importance
 from wva_jax.wva import WVAState, attenuation, wva_adam, wva_scale, wva_sgd
 
@@ -23,4 +26,5 @@ __version__ = "0.1.0"
 __all__ = ["importance", "metrics", "sharding", "wva_scale", "wva_sgd", "wva_adam", "attenuation", "WVAState",
            "ewc_penalty", "add_ewc", "implicit_ewc", "EWCState", "set_importance", "set_anchor",
            "lora_importance", "lora_ewc_penalty", "lora_ewc_grad", "add_lora_ewc", "lora_pullback",
-           "lora_wva_scale", "LoRAState"]
+           "lora_wva_scale", "LoRAState", "save_importance", "load_importance", "importance_metadata",
+           "fisher_merge", "training_metrics"]

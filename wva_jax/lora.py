@@ -17,6 +17,18 @@ separate transform (``optax.partition``). A pair may be stacked over leading
 axes (``A [L, d_in, r]``, ``B [L, r, d_out]``, e.g. from ``nnx.scan``); its
 importance is then ``[L, d_in, d_out]``.
 
+qwix (``qwix.apply_lora_to_model``) stores a weight ``w``'s adapter as leaves
+``w_lora_a`` / ``w_lora_b`` beside ``w``: a mapping whose keys are all such
+pairs is an adapter node, one adapter per weight, at the path ``module path +
+('w',)`` (the weight's own path); its importance sits there too
+(``{'w': F}``). On an ``einsum`` weight qwix's ``A`` is ``[contracted axes...,
+r]`` and ``B`` ``[r, other axes...]`` with ``delta W = tensordot(A, B, 1)``,
+handled as the matrix ``A.reshape(-1, r) @ B.reshape(r, -1)``; its importance
+has the shape ``A.shape[:-1] + B.shape[1:]``. (A qwix ``dot_general`` adapter
+with batch axes, ``A [batch..., d_in, r]``, ``B [batch..., r, d_out]``, is a
+stack as above; the stacked reading is tried first.) qwix scales the update
+by ``alpha / rank``: see :func:`lora_importance`'s ``scale``.
+
 The importance tree has one array per adapter, shaped like the base kernel
 (``A.shape[:-1] + B.shape[-1:]``), at the adapter's place in the tree: build
 it from the base model's importance (any :mod:`wva_jax.importance`
@@ -54,6 +66,7 @@ References:
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -70,6 +83,7 @@ from wva_jax._copy import fresh_tree
 from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype
 
 _PAIRS = (("A", "B"), ("lora_a", "lora_b"))
+_QWIX = ("_lora_a", "_lora_b")   # qwix: <w>_lora_a, <w>_lora_b beside the adapted weight <w>
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 
@@ -95,8 +109,27 @@ def _pair_keys(node: Any) -> tuple[str, str] | None:
   return None
 
 
+def _qwix_names(node: Any) -> list[str] | None:
+  """The weights ``w`` of a qwix-adapted module's mapping ``{w_lora_a, w_lora_b, ...}``, else None.
+
+  ``qwix.apply_lora_to_model`` adds ``nnx.LoRAParam`` leaves ``<w>_lora_a`` and
+  ``<w>_lora_b`` beside the adapted weight ``<w>``; in the adapters' tree
+  (``nnx.split(model, nnx.LoRAParam, ...)``) the module's mapping holds only
+  those pairs.
+  """
+  if not isinstance(node, Mapping) or not node:
+    return None
+  keys = set(node.keys())
+  if not all(isinstance(k, str) and k.endswith(_QWIX) for k in keys):
+    return None
+  names = sorted({k[:-len(_QWIX[0])] for k in keys})
+  if keys != {n + suffix for n in names for suffix in _QWIX} or "" in names:
+    return None
+  return names
+
+
 def _is_adapter(node: Any) -> bool:
-  return _pair_keys(node) is not None
+  return _pair_keys(node) is not None or _qwix_names(node) is not None
 
 
 def _is_variable(x: Any) -> bool:
@@ -128,40 +161,75 @@ def _show(path: tuple) -> str:
 
 class _Adapters(NamedTuple):
   treedef: Any
-  paths: list    # plain key tuples, one per adapter
-  nodes: list    # the adapter mappings
-  a: list        # A arrays (unwrapped)
-  b: list        # B arrays
+  paths: list    # plain key tuples, one per adapter (a qwix adapter's ends in its weight's name)
+  nodes: list    # the adapter mappings, one per node
+  a: list        # A arrays (unwrapped) as stacks of [d_in, r] matrices
+  b: list        # B arrays as stacks of [r, d_out]
+  kshape: list   # the importance's (kernel's) shape per adapter
+  keys: list     # (key of A, key of B) in its node, per adapter
+  groups: list   # per node: (the weight names for a qwix node or None, indices of its adapters)
+  shapes: list   # per adapter: A's and B's own shapes (a qwix einsum adapter is reshaped to matrices)
+  einsum: list   # per adapter: a qwix adapter with delta W = tensordot(A, B, 1) (its kernel may be transposed)
 
 
 def _flatten(adapters: Any, name: str = "adapters") -> _Adapters:
   """The adapter pairs of ``adapters``, in tree order; anything else is a ValueError naming its path."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_adapter)
-  paths, nodes, a_s, b_s = [], [], [], []
+  ad = _Adapters(treedef, [], [], [], [], [], [], [], [], [])
   for path, node in with_path:
     keys = _pair_keys(node)
-    if keys is None:
+    qwix = None if keys is not None else _qwix_names(node)
+    if keys is None and qwix is None:
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} is not part of an adapter pair: every leaf must sit "
-                       f"in a mapping with exactly the keys {{'A', 'B'}} or {{'lora_a', 'lora_b'}} "
+                       f"in a mapping with exactly the keys {{'A', 'B'}} or {{'lora_a', 'lora_b'}}, or be one of "
+                       "qwix's '<w>_lora_a' / '<w>_lora_b' pairs "
                        "(train other parameters with a separate transform, e.g. optax.partition)")
-    a, b = jnp.asarray(_unwrap(node[keys[0]])), jnp.asarray(_unwrap(node[keys[1]]))
-    where = f"{name}{_show(_path(path))}"
-    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or a.shape[:-2] != b.shape[:-2]:
-      raise ValueError(f"{where}: A {a.shape} and B {b.shape} are not a stack of [d_in, r] and [r, d_out] "
-                       "(delta W = A @ B, see wva_jax.lora)")
-    paths.append(_path(path))
-    nodes.append(node)
-    a_s.append(a)
-    b_s.append(b)
-  return _Adapters(treedef, paths, nodes, a_s, b_s)
+    pairs: list[tuple[str | None, tuple[str, str]]]
+    if qwix is None:
+      pairs = [(None, keys)]   # type: ignore[list-item]
+    else:
+      pairs = [(w, (w + _QWIX[0], w + _QWIX[1])) for w in qwix]
+    ad.nodes.append(node)
+    ad.groups.append((qwix, list(range(len(ad.paths), len(ad.paths) + len(pairs)))))
+    for w, (ka, kb) in pairs:
+      a, b = jnp.asarray(_unwrap(node[ka])), jnp.asarray(_unwrap(node[kb]))
+      p = _path(path) + ((w,) if w is not None else ())
+      where = f"{name}{_show(p)}"
+      if a.ndim >= 2 and b.ndim >= 2 and a.shape[-1] == b.shape[-2] and a.shape[:-2] == b.shape[:-2]:
+        am, bm, kshape = a, b, a.shape[:-1] + b.shape[-1:]
+      elif w is not None and a.ndim >= 2 and b.ndim >= 2 and a.shape[-1] == b.shape[0]:
+        # qwix on an einsum: A [contracted dims..., r], B [r, other dims...], delta W = tensordot(A, B, 1).
+        r = a.shape[-1]
+        am, bm, kshape = a.reshape(-1, r), b.reshape(r, -1), a.shape[:-1] + b.shape[1:]
+      else:
+        raise ValueError(f"{where}: A {a.shape} and B {b.shape} are not a stack of [d_in, r] and [r, d_out] "
+                         "(delta W = A @ B, see wva_jax.lora)"
+                         + ("" if w is None else " nor qwix's einsum form A [..., r], B [r, ...]"))
+      ad.paths.append(p)
+      ad.a.append(am)
+      ad.b.append(bm)
+      ad.kshape.append(tuple(kshape))
+      ad.keys.append((ka, kb))
+      ad.shapes.append((a.shape, b.shape))
+      ad.einsum.append(w is not None and (a.ndim == b.ndim == 2 or kshape != a.shape[:-1] + b.shape[-1:]))
+  return ad
 
 
 def _kernel_shape(a: jax.Array, b: jax.Array) -> tuple:
   return a.shape[:-1] + b.shape[-1:]
 
 
+def _as_matrix(leaf: Any, ad: _Adapters, i: int) -> Any:
+  """An importance leaf (kernel shape) in the [..., d_in, d_out] shape of adapter ``i``'s matrices."""
+  want = ad.a[i].shape[:-1] + ad.b[i].shape[-1:]
+  return leaf if jnp.shape(leaf) == want else jnp.reshape(leaf, want)
+
+
 def _importance_leaves(importance: Any, ad: _Adapters, name: str = "importance") -> list:
-  """``importance``'s arrays in the adapters' order, checked to sit at the adapters' paths with kernel shapes."""
+  """``importance``'s arrays in the adapters' order, checked to sit at the adapters' paths with kernel shapes.
+
+  Returned in the adapters' matrix shapes (``[..., d_in, d_out]``).
+  """
   with_path = jax.tree_util.tree_flatten_with_path(importance, is_leaf=_is_variable)[0]
   paths = [_path(p) for p, _ in with_path]
   if paths != ad.paths:
@@ -169,24 +237,38 @@ def _importance_leaves(importance: Any, ad: _Adapters, name: str = "importance")
                      f"{[_show(p) for p in ad.paths]}, {name} at {[_show(p) for p in paths]} "
                      "(build it with wva_jax.lora_importance)")
   leaves = []
-  for path, (_, leaf), a, b in zip(paths, with_path, ad.a, ad.b):
+  for i, (path, (_, leaf)) in enumerate(zip(paths, with_path)):
     leaf = _unwrap(leaf)
-    if jnp.shape(leaf) != _kernel_shape(a, b):
+    if jnp.shape(leaf) != ad.kshape[i]:
       raise ValueError(f"{name}{_show(path)} has shape {jnp.shape(leaf)}, but the adapter's kernel "
-                       f"A @ B has shape {_kernel_shape(a, b)}")
-    leaves.append(leaf)
+                       f"A @ B has shape {ad.kshape[i]}")
+    leaves.append(_as_matrix(leaf, ad, i))
   return leaves
 
 
-def _rebuild(node: Any, keys: tuple[str, str], new_a: Any, new_b: Any) -> Any:
-  """``node`` (same container, same Variable wrappers) holding ``new_a`` and ``new_b``."""
+def _importance_tree(ad: _Adapters, leaves: list) -> Any:
+  """One leaf per adapter at its place: a pair's node replaced by its leaf, a qwix node by ``{w: leaf}``."""
+  return ad.treedef.unflatten([leaves[idx[0]] if names is None else {w: leaves[i] for w, i in zip(names, idx)}
+                               for names, idx in ad.groups])
+
+
+def _rebuild(node: Any, values: dict) -> Any:
+  """``node`` (same container, same Variable wrappers) holding ``values[key]`` at each key."""
   with_path, nd = jax.tree_util.tree_flatten_with_path(node)
-  return jax.tree_util.tree_unflatten(nd, [new_a if _key(p[0]) == keys[0] else new_b for p, _ in with_path])
+  return jax.tree_util.tree_unflatten(nd, [values[_key(p[0])] for p, _ in with_path])
 
 
 def _unflatten_pairs(ad: _Adapters, new: list) -> Any:
-  return jax.tree_util.tree_unflatten(ad.treedef, [_rebuild(n, _pair_keys(n), na, nb)   # type: ignore[arg-type]
-                                                  for n, (na, nb) in zip(ad.nodes, new)])
+  """A tree like the adapters from one ``(for A, for B)`` per adapter, in the matrix shapes of ``ad.a``/``ad.b``."""
+  nodes = []
+  for node, (_, idx) in zip(ad.nodes, ad.groups):
+    values = {}
+    for i in idx:
+      na, nb = new[i]
+      (sa, sb), (ka, kb) = ad.shapes[i], ad.keys[i]
+      values[ka], values[kb] = jnp.reshape(na, sa), jnp.reshape(nb, sb)
+    nodes.append(_rebuild(node, values))
+  return jax.tree_util.tree_unflatten(ad.treedef, nodes)
 
 
 # ----------------------------------------------------------------- one layer at a time
@@ -273,7 +355,7 @@ _penalty.defvjp(_penalty_fwd, _penalty_bwd)
 # ----------------------------------------------------------------- public API
 
 def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
-                    kernel_path: Callable[[tuple], tuple] | None = None) -> optax.Params:
+                    kernel_path: Callable[[tuple], tuple] | None = None, scale: ArrayLike = 1.0) -> optax.Params:
   r"""Pairs each adapter with its base kernel's importance: the importance tree of the LoRA transforms.
 
   Run any :mod:`wva_jax.importance` estimator on the frozen base weights
@@ -287,17 +369,34 @@ def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
   when ``P`` ends in ``'lora'``, ``P[:-1] + ('kernel',)``
   (``nnx.LoRALinear``). ``kernel_path`` overrides this.
 
+  qwix (``qwix.apply_lora_to_model``): a weight ``w`` adapted by
+  ``w_lora_a`` / ``w_lora_b`` has its adapter at ``P = module path + ('w',)``,
+  the weight's own path, so the base importance is found there. On an
+  ``einsum`` weight qwix stores ``A [contracted dims..., r]`` and ``B [r,
+  other dims...]`` (``delta W = tensordot(A, B, 1)``); the kernel's
+  importance is taken as is when its axes are in that order, else transposed
+  (the contracted axes and the others each in the kernel's order, as qwix
+  builds them) or, for a ``dot_general`` weight with several contracted axes,
+  reshaped. qwix scales the adapters' output by ``alpha / rank``: pass
+  ``scale=alpha / rank``, since every LoRA function here assumes ``delta W =
+  A B`` and ``F (s A B)^2 = (s^2 F) (A B)^2``.
+
   Args:
     base_importance: the base model's importance (a pytree; ``nnx.State``
       and ``nnx.Variable`` leaves are fine).
     adapters: the adapter pytree (see :mod:`wva_jax.lora`).
     kernel_path: optional ``f(P) -> key path`` of the kernel in
       ``base_importance``, keys as plain strings / ints.
+    scale: ``s`` in ``delta W = s A B`` (qwix and PEFT: ``alpha / rank``);
+      the importance is multiplied by ``s**2``.
 
   Returns:
     One array per adapter, shaped like its kernel (``A.shape[:-1] +
-    B.shape[-1:]``), in the adapters' containers. The arrays are
-    ``base_importance``'s own (no copy; the transforms copy at ``init``).
+    B.shape[-1:]``; for a qwix einsum adapter ``A.shape[:-1] +
+    B.shape[1:]``), in the adapters' containers (a qwix module's mapping
+    becomes ``{'w': importance}``). With ``scale=1`` and no transpose the
+    arrays are ``base_importance``'s own (no copy; the transforms copy at
+    ``init``).
 
   Example:
     >>> import jax.numpy as jnp, wva_jax as wj
@@ -306,11 +405,12 @@ def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
     >>> wj.lora_importance(base_imp, adapters)['dense'].shape
     (3, 4)
   """
+  check_strength(scale, "scale")
   ad = _flatten(adapters)
   table = {_path(p): _unwrap(leaf)
            for p, leaf in jax.tree_util.tree_flatten_with_path(base_importance, is_leaf=_is_variable)[0]}
   out = []
-  for path, a, b in zip(ad.paths, ad.a, ad.b):
+  for i, path in enumerate(ad.paths):
     if kernel_path is not None:
       candidates = [tuple(kernel_path(path))]
     else:
@@ -321,12 +421,46 @@ def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
     if found is None:
       raise ValueError(f"no base importance for the adapter at {_show(path)}: looked at "
                        f"{[_show(c) for c in candidates]} (pass kernel_path=...)")
-    leaf = table[found]
-    if jnp.shape(leaf) != _kernel_shape(a, b):
-      raise ValueError(f"base_importance{_show(found)} has shape {jnp.shape(leaf)}, but the adapter at "
-                       f"{_show(path)} updates a kernel of shape {_kernel_shape(a, b)} (delta W = A @ B)")
-    out.append(leaf)
-  return ad.treedef.unflatten(out)
+    leaf = _kernel_layout(table[found], ad, i, f"base_importance{_show(found)}", _show(path))
+    out.append(leaf if isinstance(scale, (int, float)) and scale == 1
+               else (jnp.asarray(leaf).astype(_F32) * jnp.square(jnp.asarray(scale, _F32))).astype(leaf.dtype))
+  return _importance_tree(ad, out)
+
+
+def _kernel_layout(leaf: Any, ad: _Adapters, i: int, what: str, where: str) -> Any:
+  """``leaf`` (a base kernel's importance) in adapter ``i``'s kernel shape: as is, transposed or reshaped."""
+  shape, want = tuple(jnp.shape(leaf)), ad.kshape[i]
+  if shape == want:
+    return leaf
+  if math.prod(shape) == math.prod(want):
+    if ad.einsum[i] and len(shape) == len(want):
+      # qwix einsum: A's axes and B's axes, each in the kernel's order.
+      n_a = len(ad.shapes[i][0]) - 1
+      perms = [list(c) + [d for d in range(len(shape)) if d not in c]
+               for c in itertools.combinations(range(len(shape)), n_a)]
+      perms = [p for p in perms if tuple(shape[d] for d in p) == want]
+      if len(perms) == 1:
+        return jnp.transpose(leaf, perms[0])
+      if len(perms) > 1:
+        raise ValueError(f"{what} has shape {shape}: its axes can be ordered as the adapter at {where} "
+                         f"needs ({want}) in {len(perms)} ways; transpose it yourself or pass kernel_path=...")
+    grouped = _group(shape, want)
+    if grouped:
+      return jnp.reshape(leaf, want)
+  raise ValueError(f"{what} has shape {shape}, but the adapter at {where} updates a kernel of shape "
+                   f"{want} (delta W = A @ B)")
+
+
+def _group(shape: tuple, want: tuple) -> bool:
+  """Whether consecutive axes of ``shape`` multiply to each axis of ``want`` in turn (a plain reshape)."""
+  j, acc = 0, 1
+  for d in shape:
+    acc *= d
+    if j < len(want) and acc == want[j]:
+      j, acc = j + 1, 1
+    elif j >= len(want) or acc > want[j]:
+      return d == 1 and acc == 1
+  return j == len(want) and acc == 1
 
 
 def lora_ewc_penalty(adapters: optax.Params, importance: optax.Params, strength: ArrayLike) -> jax.Array:
@@ -457,7 +591,7 @@ def _lora_init(importance, importance_dtype):
   def init_fn(params):
     ad = _flatten(params, "params")
     if importance is None:
-      imp = ad.treedef.unflatten([jnp.zeros(_kernel_shape(a, b), importance_dtype) for a, b in zip(ad.a, ad.b)])
+      imp = _importance_tree(ad, [jnp.zeros(k, importance_dtype) for k in ad.kshape])
     else:
       _importance_leaves(importance, ad)
       # A copy, never the caller's array: a donated state would delete it (wva_jax/_copy.py).

@@ -34,6 +34,24 @@ def _is_nnx_optimizer(x) -> bool:
   return isinstance(x, nnx.Optimizer)
 
 
+def find_states(opt_state, types: tuple) -> list:
+  """Every state of one of ``types`` inside ``opt_state`` (an optax state or an ``nnx.Optimizer``), in tree order.
+
+  States inside an ``nnx.Optimizer`` hold ``nnx.Variable`` objects; they are
+  returned with their values (arrays) instead, so callers see plain arrays
+  either way.
+  """
+  if _is_nnx_optimizer(opt_state):
+    opt_state = opt_state.opt_state
+  variable = _nnx_variable_type()
+  is_target = lambda x: isinstance(x, types)
+  found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_target) if is_target(s)]
+  if variable is None:
+    return found
+  unwrap = lambda x: x.get_value() if isinstance(x, variable) else x
+  return [jax.tree_util.tree_map(unwrap, s, is_leaf=lambda x: isinstance(x, variable)) for s in found]
+
+
 def _set_in_place(optimizer, types, field: str, value, check):
   """``nnx.Optimizer`` keeps its state in mutable variables: write their values."""
   variable = _nnx_variable_type()

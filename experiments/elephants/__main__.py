@@ -1,4 +1,4 @@
-"""``python -m experiments.elephants <scenario|memory|scale|lora_lr|report> [--quick]``.
+"""``python -m experiments.elephants <scenario|memory|scale|lora_lr|merge|report> [--quick]``.
 
 * ``scenario [--seeds 0 1 2]``: pretrain on prose, fine-tune on Python per
   method and lambda, per seed; appends to ``results/scenario[-quick].jsonl``
@@ -9,6 +9,8 @@
   parameters -> ``benchmarks/results/elephants_scale.{jsonl,md}``.
 * ``lora_lr``: plain LoRA at three learning rates on seed 0, how the LoRA
   arms' rate was chosen -> ``results/lora_lr.md``.
+* ``merge [--seeds 0 1 2]``: ``wj.fisher_merge`` of the pretrained and the
+  plainly fine-tuned model vs plain averaging -> ``results/merge.{jsonl,md}``.
 * ``report``: Pareto table and plots from the jsonl -> ``results/README.md``, ``*.png``.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m experiments.elephants", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("command", choices=["scenario", "memory", "scale", "lora_lr", "report"])
+  p.add_argument("command", choices=["scenario", "memory", "scale", "lora_lr", "merge", "report"])
   p.add_argument("--quick", action="store_true", help="small, fast version (pipeline check)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0],
                  help="scenario: independent replicates to run (default: 0); finished ones are skipped")
@@ -34,6 +36,9 @@ def main(argv=None):
   elif args.command == "lora_lr":
     from experiments.elephants import scenario
     scenario.lora_lr(scenario.QUICK if args.quick else scenario.Scenario())
+  elif args.command == "merge":
+    from experiments.elephants import merge
+    print(merge.main(args.seeds))
   elif args.command == "scale":
     from benchmarks import elephants_scale
     elephants_scale.main(quick=args.quick)
