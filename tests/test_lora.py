@@ -122,7 +122,7 @@ def test_nnx_lora_penalty_equals_dense_formula_on_merged_minus_base():
   x = jax.random.normal(jax.random.key(1), (32, 5))
   y = jax.random.randint(jax.random.key(2), (32,), 0, 4)
   base_imp = wj.importance.fisher(apply_fn, base, x, y)
-  imp = wj.lora_importance(base_imp, lora)
+  imp = wj.lora_importance(lora, base_imp)
   np.testing.assert_array_equal(imp["l1"]["lora"], base_imp["l1"]["kernel"][...])
   np.testing.assert_array_equal(imp["l2"], base_imp["l2"]["base_module"]["kernel"][...])
 
@@ -307,9 +307,9 @@ def test_errors_name_the_bad_value():
     tx = wj.add_lora_ewc(imp, 1.0)
     tx.update(params, tx.init(params))
   with pytest.raises(ValueError, match=r"no base importance for the adapter at \['q'\]"):
-    wj.lora_importance({"q": {"bias": jnp.ones(4)}}, {"q": params["q"]})
+    wj.lora_importance({"q": params["q"]}, {"q": {"bias": jnp.ones(4)}})
   with pytest.raises(ValueError, match=r"has shape \(4, 4\).*kernel of shape \(4, 5\)"):
-    wj.lora_importance({"q": {"kernel": jnp.ones((4, 4))}},
-                       {"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 5))}})
+    wj.lora_importance({"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 5))}},
+                       {"q": {"kernel": jnp.ones((4, 4))}})
   with pytest.raises(ValueError, match="LoRAState"):
     wj.set_importance(optax.sgd(0.1).init(params), imp)

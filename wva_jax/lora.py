@@ -20,7 +20,9 @@ importance is then ``[L, d_in, d_out]``.
 The importance tree has one array per adapter, shaped like the base kernel
 (``A.shape[:-1] + B.shape[-1:]``), at the adapter's place in the tree: build
 it from the base model's importance (any :mod:`wva_jax.importance`
-estimator run on the frozen weights) with :func:`lora_importance`.
+estimator run on the frozen weights) with :func:`lora_importance`. Every
+function here takes the adapters first and calls this tree
+``kernel_importance``.
 
 EWC on the effective update (:func:`lora_ewc_penalty`, :func:`add_lora_ewc`)
 anchors at the pretrained weights (:math:`\Delta W = 0`), so the anchor costs
@@ -65,9 +67,9 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from wva_jax._checks import check_choice, check_importance_values, check_strength
+from wva_jax._checks import check_choice, check_importance_values, check_scalar_or_schedule, check_strength
 from wva_jax._copy import fresh_tree
-from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype
+from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype, strength_at
 
 _PAIRS = (("A", "B"), ("lora_a", "lora_b"))
 _F32 = jnp.float32
@@ -75,13 +77,16 @@ _HI = lax.Precision.HIGHEST
 
 
 class LoRAState(NamedTuple):
-  """State of :func:`add_lora_ewc` and :func:`lora_wva_scale`: the base kernels' importance.
+  """State of :func:`add_lora_ewc` and :func:`lora_wva_scale`: the base kernels' importance and the step count.
 
-  One array per adapter, shaped like its base kernel. It lives in the state
-  so :func:`wva_jax.set_importance` swaps in a new task's importance without
-  recompiling.
+  ``importance``: one array per adapter, shaped like its base kernel. It
+  lives in the state so :func:`wva_jax.set_importance` (or
+  :func:`wva_jax.consolidate`) swaps in a new task's importance without
+  recompiling. ``count`` (int32 scalar) counts the updates: a ``strength``
+  schedule is evaluated at it.
   """
   importance: Any
+  count: Any
 
 
 # ----------------------------------------------------------------- adapter trees
@@ -272,7 +277,7 @@ _penalty.defvjp(_penalty_fwd, _penalty_bwd)
 
 # ----------------------------------------------------------------- public API
 
-def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
+def lora_importance(adapters: optax.Params, base_importance: optax.Params, *,
                     kernel_path: Callable[[tuple], tuple] | None = None) -> optax.Params:
   r"""Pairs each adapter with its base kernel's importance: the importance tree of the LoRA transforms.
 
@@ -288,22 +293,23 @@ def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
   (``nnx.LoRALinear``). ``kernel_path`` overrides this.
 
   Args:
+    adapters: the adapter pytree (see :mod:`wva_jax.lora`).
     base_importance: the base model's importance (a pytree; ``nnx.State``
       and ``nnx.Variable`` leaves are fine).
-    adapters: the adapter pytree (see :mod:`wva_jax.lora`).
     kernel_path: optional ``f(P) -> key path`` of the kernel in
       ``base_importance``, keys as plain strings / ints.
 
   Returns:
-    One array per adapter, shaped like its kernel (``A.shape[:-1] +
-    B.shape[-1:]``), in the adapters' containers. The arrays are
+    The ``kernel_importance`` of the other LoRA functions: one array per
+    adapter, shaped like its kernel (``A.shape[:-1] + B.shape[-1:]``), in
+    the adapters' containers. The arrays are
     ``base_importance``'s own (no copy; the transforms copy at ``init``).
 
   Example:
     >>> import jax.numpy as jnp, wva_jax as wj
     >>> base_imp = {'dense': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)}}
     >>> adapters = {'dense': {'A': jnp.zeros((3, 2)), 'B': jnp.zeros((2, 4))}}
-    >>> wj.lora_importance(base_imp, adapters)['dense'].shape
+    >>> wj.lora_importance(adapters, base_imp)['dense'].shape
     (3, 4)
   """
   ad = _flatten(adapters)
@@ -329,7 +335,8 @@ def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
   return ad.treedef.unflatten(out)
 
 
-def lora_ewc_penalty(adapters: optax.Params, importance: optax.Params, strength: ArrayLike) -> jax.Array:
+def lora_ewc_penalty(adapters: optax.Params, kernel_importance: optax.Params, strength: ArrayLike = 1.0
+                     ) -> jax.Array:
   r"""EWC on the adapters' effective update: :math:`\frac{\lambda}{2}\sum_l \sum_{ij} F^{(l)}_{ij} (A_l B_l)_{ij}^2`.
 
   The anchor is the pretrained weights (:math:`\Delta W = A B = 0`), ``F``
@@ -350,8 +357,8 @@ def lora_ewc_penalty(adapters: optax.Params, importance: optax.Params, strength:
 
   Args:
     adapters: the adapter pytree (see :mod:`wva_jax.lora`).
-    importance: one array per adapter, shaped like its kernel
-      (:func:`lora_importance`), >= 0.
+    kernel_importance: the base kernels' importance, one array per adapter
+      shaped like its kernel (:func:`lora_importance`), >= 0.
     strength: ``lambda`` >= 0 (may be traced).
 
   Returns:
@@ -369,12 +376,13 @@ def lora_ewc_penalty(adapters: optax.Params, importance: optax.Params, strength:
   """
   check_strength(strength)
   ad = _flatten(adapters)
-  f_s = _importance_leaves(importance, ad)
-  check_importance_values(f_s)
+  f_s = _importance_leaves(kernel_importance, ad, "kernel_importance")
+  check_importance_values(f_s, "kernel_importance")
   return _penalty(jnp.asarray(strength, _F32), ad.a, ad.b, [jnp.asarray(f) for f in f_s])
 
 
-def lora_ewc_grad(adapters: optax.Params, importance: optax.Params, strength: ArrayLike) -> optax.Params:
+def lora_ewc_grad(adapters: optax.Params, kernel_importance: optax.Params, strength: ArrayLike = 1.0
+                  ) -> optax.Params:
   r"""The exact gradient of :func:`lora_ewc_penalty` in closed form, layer by layer.
 
   With :math:`P = F \odot (A B)` (float32):
@@ -389,7 +397,7 @@ def lora_ewc_grad(adapters: optax.Params, importance: optax.Params, strength: Ar
 
   Args:
     adapters: the adapter pytree.
-    importance: one array per adapter, shaped like its kernel.
+    kernel_importance: one array per adapter, shaped like its kernel.
     strength: ``lambda`` >= 0.
 
   Returns:
@@ -404,8 +412,8 @@ def lora_ewc_grad(adapters: optax.Params, importance: optax.Params, strength: Ar
   """
   check_strength(strength)
   ad = _flatten(adapters)
-  f_s = _importance_leaves(importance, ad)
-  check_importance_values(f_s)
+  f_s = _importance_leaves(kernel_importance, ad, "kernel_importance")
+  check_importance_values(f_s, "kernel_importance")
   return _grad_tree(ad, f_s, strength)
 
 
@@ -415,7 +423,7 @@ def _grad_tree(ad: _Adapters, f_s: list, strength) -> Any:
                                for (da, db), a, b in zip(grads, ad.a, ad.b)])
 
 
-def lora_pullback(adapters: optax.Params, importance: optax.Params) -> optax.Params:
+def lora_pullback(adapters: optax.Params, kernel_importance: optax.Params) -> optax.Params:
   r"""The adapters' own (diagonal) importance: the base kernels' importance pulled back through ``A @ B``.
 
   .. math::
@@ -429,7 +437,7 @@ def lora_pullback(adapters: optax.Params, importance: optax.Params) -> optax.Par
 
   Args:
     adapters: the adapter pytree.
-    importance: one array per adapter, shaped like its kernel.
+    kernel_importance: one array per adapter, shaped like its kernel.
 
   Returns:
     A float32 tree like ``adapters``.
@@ -442,7 +450,7 @@ def lora_pullback(adapters: optax.Params, importance: optax.Params) -> optax.Par
     (4.5, 2.0)
   """
   ad = _flatten(adapters)
-  f_s = _importance_leaves(importance, ad)
+  f_s = _importance_leaves(kernel_importance, ad, "kernel_importance")
   return _unflatten_pairs(ad, [_pullback(a, b, f) for a, b, f in zip(ad.a, ad.b, f_s)])
 
 
@@ -459,14 +467,22 @@ def _lora_init(importance, importance_dtype):
     if importance is None:
       imp = ad.treedef.unflatten([jnp.zeros(_kernel_shape(a, b), importance_dtype) for a, b in zip(ad.a, ad.b)])
     else:
-      _importance_leaves(importance, ad)
+      _importance_leaves(importance, ad, "kernel_importance")
       # A copy, never the caller's array: a donated state would delete it (wva_jax/_copy.py).
       imp = fresh_tree(importance, importance_dtype)
-    return LoRAState(importance=imp)
+    return LoRAState(importance=imp, count=jnp.zeros([], jnp.int32))
   return init_fn
 
 
-def add_lora_ewc(importance: optax.Params | None, strength: ArrayLike, *,
+def _check_lora_factory(kernel_importance, strength, importance_dtype):
+  check_scalar_or_schedule(strength, "strength")
+  importance_dtype = check_storage_dtype(importance_dtype)
+  if kernel_importance is not None:
+    check_importance_values(kernel_importance, "kernel_importance")
+  return importance_dtype
+
+
+def add_lora_ewc(kernel_importance: optax.Params | None = None, strength: optax.ScalarOrSchedule = 1.0, *,
                  importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   r"""Adds the gradient of :func:`lora_ewc_penalty` to the adapters' updates.
 
@@ -477,10 +493,12 @@ def add_lora_ewc(importance: optax.Params | None, strength: ArrayLike, *,
   0``); a step needs one layer's dense product at a time on top of it.
 
   Args:
-    importance: one array per adapter shaped like its base kernel
+    kernel_importance: one array per adapter shaped like its base kernel
       (:func:`lora_importance`), >= 0, or ``None`` for zeros until
-      :func:`wva_jax.set_importance` swaps one in. ``init`` stores a copy.
-    strength: ``lambda`` >= 0 (may be traced).
+      :func:`wva_jax.set_importance` (or :func:`wva_jax.consolidate`) swaps
+      one in. ``init`` stores a copy.
+    strength: ``lambda`` >= 0 (may be traced), or an optax schedule of the
+      step count (the state's ``count``, 0 at the first update).
     importance_dtype: storage dtype (``None``: float32; ``jnp.bfloat16``
       halves it); the gradient is computed in float32.
 
@@ -497,23 +515,20 @@ def add_lora_ewc(importance: optax.Params | None, strength: ArrayLike, *,
     >>> round(float(u['w']['A'][0, 0]), 4), round(float(u['w']['B'][0, 0]), 4)   # -0.1 * (18, 6)
     (-1.8, -0.6)
   """
-  check_strength(strength)
-  importance_dtype = check_storage_dtype(importance_dtype)
-  if importance is not None:
-    check_importance_values(importance)
+  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("add_lora_ewc needs params (the adapters) in update(...)")
     ad = _flatten(params, "params")
-    pull = _grad_tree(ad, _importance_leaves(state.importance, ad), strength)
-    return jax.tree_util.tree_map(
-        lambda u, p: (u.astype(_F32) + p.astype(_F32)).astype(u.dtype), updates, pull), state
+    pull = _grad_tree(ad, _importance_leaves(state.importance, ad), strength_at(strength, state.count))
+    return (jax.tree_util.tree_map(lambda u, p: (u.astype(_F32) + p.astype(_F32)).astype(u.dtype), updates, pull),
+            state._replace(count=optax.safe_int32_increment(state.count)))
 
-  return optax.GradientTransformation(_lora_init(importance, importance_dtype), update_fn)
+  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype), update_fn)
 
 
-def lora_wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
+def lora_wva_scale(kernel_importance: optax.Params | None = None, strength: optax.ScalarOrSchedule = 1.0, *,
                    viscosity: str = "hyperbolic", importance_dtype: DTypeLike | None = None
                    ) -> optax.GradientTransformation:
   r"""WVA for adapters: each adapter update scaled by ``1/(1+lambda*Omega)`` with the pulled-back importance.
@@ -531,8 +546,8 @@ def lora_wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *
   kernels' importance; a step forms no dense ``A @ B``.
 
   Args:
-    importance: as in :func:`add_lora_ewc`.
-    strength: ``lambda`` >= 0.
+    kernel_importance: as in :func:`add_lora_ewc`.
+    strength: ``lambda`` >= 0, or an optax schedule of the step count.
     viscosity: ``'hyperbolic'`` or ``'exponential'``.
     importance_dtype: storage dtype of the importance (``None``: float32).
 
@@ -549,19 +564,18 @@ def lora_wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *
     >>> round(float(u['w']['A'][0, 0]), 4), round(float(u['w']['B'][0, 0]), 4)   # -1/(1+4.5), -1/(1+2)
     (-0.1818, -0.3333)
   """
-  check_strength(strength)
   check_choice(viscosity, VISCOSITIES, "viscosity")
-  importance_dtype = check_storage_dtype(importance_dtype)
-  if importance is not None:
-    check_importance_values(importance)
+  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("lora_wva_scale needs params (the adapters) in update(...)")
     ad = _flatten(params, "params")
     f_s = _importance_leaves(state.importance, ad)
-    factor = _unflatten_pairs(ad, [attenuation(_pullback(a, b, f), strength, viscosity)
+    lam = strength_at(strength, state.count)
+    factor = _unflatten_pairs(ad, [attenuation(_pullback(a, b, f), lam, viscosity)
                                    for a, b, f in zip(ad.a, ad.b, f_s)])
-    return jax.tree_util.tree_map(lambda u, s: (u.astype(_F32) * s).astype(u.dtype), updates, factor), state
+    return (jax.tree_util.tree_map(lambda u, s: (u.astype(_F32) * s).astype(u.dtype), updates, factor),
+            state._replace(count=optax.safe_int32_increment(state.count)))
 
-  return optax.GradientTransformation(_lora_init(importance, importance_dtype), update_fn)
+  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype), update_fn)
