@@ -243,7 +243,8 @@ def _consolidate(opt_state, params, importance, replace, gamma, fit):
     found.append(s)
     if isinstance(s, PathIntegralState):
       start = fit(params, s.start, "params")
-      return s._replace(omega=jax.tree_util.tree_map(jnp.zeros_like, s.omega), start=fresh_tree(start))
+      return s._replace(inner_state=jax.tree_util.tree_map(one, s.inner_state, is_leaf=is_target),
+                        omega=jax.tree_util.tree_map(jnp.zeros_like, s.omega), start=fresh_tree(start))
     imp = fit(importance, s.importance, "importance")
     if replace:
       new_imp = jax.tree_util.tree_map(lambda n, o: fresh(n, jnp.result_type(o)), imp, s.importance)
