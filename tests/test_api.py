@@ -12,6 +12,7 @@ IMP2 = {"a": jnp.array([1.0, 0.25, 0.0, 4.0]), "b": jnp.array([[0.5, 2.0]])}
 PARAMS = {"a": jnp.array([0.3, -0.2, 0.1, 0.7]), "b": jnp.array([[0.5, -1.0]])}
 GRADS = {"a": jnp.array([1.0, -2.0, 0.5, 3.0]), "b": jnp.array([[-1.0, 0.25]])}
 ANCHOR = {"a": jnp.array([0.2, 0.2, 0.2, 0.2]), "b": jnp.array([[0.0, 0.0]])}
+STATES = (wj.WVAState, wj.EWCState, wj.LoRAState)
 np64 = lambda t: {k: np.asarray(v, np.float64) for k, v in t.items()}
 
 
@@ -108,10 +109,14 @@ def test_strength_schedule_is_followed_jitted_without_retrace(kind):
     if k == 2:   # a new task's importance keeps the count and the compiled step
       state = wj.set_importance(state, KERNEL_IMP if lora else IMP)
   assert len(traces) == 1
-  counts = [s.count for s in jax.tree_util.tree_leaves(
-      state, is_leaf=lambda s: isinstance(s, (wj.WVAState, wj.EWCState, wj.LoRAState)))
-      if isinstance(s, (wj.WVAState, wj.EWCState, wj.LoRAState))]
+  counts = [s.count for s in jax.tree_util.tree_leaves(state, is_leaf=lambda s: isinstance(s, STATES))
+            if isinstance(s, STATES)]
   assert [int(c) for c in counts] == [len(LAMS)]
+  # a constant strength keeps no count (the state's structure as in 0.1, as optax keeps none for a constant
+  # learning rate); implicit_ewc counts for its learning-rate schedule alone too
+  const = MAKERS[kind](1.0).init(params)
+  assert [s.count for s in jax.tree_util.tree_leaves(const, is_leaf=lambda s: isinstance(s, STATES))
+          if isinstance(s, STATES)] == [None]
 
 
 def test_a_constant_strength_gives_the_same_updates_as_before():
@@ -215,7 +220,7 @@ def _find(state, t):
 
 
 def test_consolidate_sets_the_anchor_restarts_the_path_and_keeps_the_count():
-  tx = wj.importance.path_integral(optax.chain(wj.add_ewc(strength=1.0), optax.sgd(0.1)))
+  tx = wj.importance.path_integral(optax.chain(wj.add_ewc(strength=SCHED), optax.sgd(0.1)))
   params, state, _ = _train(tx, tx.init(PARAMS), PARAMS)
   state = wj.consolidate(state, params, IMP)
   ewc, path = _find(state, wj.EWCState), _find(state, wj.importance.PathIntegralState)
@@ -224,7 +229,7 @@ def test_consolidate_sets_the_anchor_restarts_the_path_and_keeps_the_count():
     np.testing.assert_array_equal(path.start[k], params[k])
     np.testing.assert_array_equal(path.omega[k], np.zeros(np.shape(IMP[k])))
     assert ewc.anchor[k] is not params[k] and path.start[k] is not params[k]   # copies (donation)
-  assert int(ewc.count) == 3
+  assert int(ewc.count) == 3   # the schedule's count is not reset
 
 
 def test_consolidate_bfloat16_state_sums_in_float32_and_keeps_the_dtype():
@@ -282,7 +287,7 @@ def test_consolidate_nnx_optimizer_in_place_equals_the_handwritten_sequence():
 
   x, y = jax.random.normal(jax.random.key(0), (8, 3)), jnp.arange(8) % 2
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-  make_tx = lambda: optax.chain(wj.add_ewc(strength=1.0), optax.adam(0.05), wj.wva_scale(strength=2.0))
+  make_tx = lambda: optax.chain(wj.add_ewc(strength=1.0), optax.adam(0.05), wj.wva_scale(strength=SCHED))
   opts = []
   for _ in range(2):
     model = Net(nnx.Rngs(0))
@@ -304,4 +309,4 @@ def test_consolidate_nnx_optimizer_in_place_equals_the_handwritten_sequence():
   for got, p in zip(jax.tree_util.tree_leaves(ewc.anchor), jax.tree_util.tree_leaves(nnx.as_pure(params))):
     np.testing.assert_array_equal(got, p)
   ours.update(m_ours, nnx.grad(loss)(m_ours))   # still steps
-  assert int(_find(nnx.as_pure(ours.opt_state), wj.EWCState).count) == 2
+  assert int(_find(nnx.as_pure(ours.opt_state), wj.WVAState).count) == 2   # a schedule's count, kept

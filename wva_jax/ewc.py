@@ -16,7 +16,7 @@ from wva_jax._checks import (
   check_strength,
 )
 from wva_jax._copy import fresh_tree
-from wva_jax.wva import check_storage_dtype, init_importance, strength_at
+from wva_jax.wva import check_storage_dtype, init_count, init_importance, next_count, strength_at
 
 
 class EWCState(NamedTuple):
@@ -24,13 +24,14 @@ class EWCState(NamedTuple):
 
   Both live in the state so :func:`wva_jax.set_anchor` and
   :func:`wva_jax.set_importance` (or :func:`wva_jax.consolidate`) swap in a
-  new task's values without recompiling. ``count`` (int32 scalar) counts the
-  updates, as in ``optax.scale_by_schedule``: a ``strength`` schedule (and
-  :func:`implicit_ewc`'s ``learning_rate`` schedule) is evaluated at it.
+  new task's values without recompiling. ``count`` counts the updates
+  (int32, as in ``optax.scale_by_schedule``) when ``strength`` or
+  :func:`implicit_ewc`'s ``learning_rate`` is a schedule, which is evaluated
+  at it; ``None`` otherwise.
   """
   anchor: Any
   importance: Any
-  count: Any
+  count: Any = None
 
 
 def ewc_penalty(params: optax.Params, anchor: optax.Params, importance: optax.Params,
@@ -60,7 +61,7 @@ def ewc_penalty(params: optax.Params, anchor: optax.Params, importance: optax.Pa
   return jnp.asarray(0.5 * strength * sum(jax.tree_util.tree_leaves(terms)))
 
 
-def _ewc_factory(anchor, importance, strength, importance_dtype):
+def _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate=None):
   check_scalar_or_schedule(strength, "strength")
   importance_dtype = check_storage_dtype(importance_dtype)
   if importance is not None:
@@ -77,7 +78,7 @@ def _ewc_factory(anchor, importance, strength, importance_dtype):
     # params twice (wva_jax/_copy.py).
     return EWCState(anchor=fresh_tree(params if anchor is None else anchor),
                     importance=init_importance(importance, params, importance_dtype),
-                    count=jnp.zeros([], jnp.int32))
+                    count=init_count(strength, learning_rate))
 
   return init_fn
 
@@ -132,7 +133,7 @@ def add_ewc(anchor: optax.Params | None = None, importance: optax.Params | None 
         lambda u, p, a, i: (u.astype(jnp.float32) + lam * i.astype(jnp.float32)
                             * (p.astype(jnp.float32) - a.astype(jnp.float32))).astype(u.dtype),
         updates, params, state.anchor, state.importance)
-    return pull, state._replace(count=optax.safe_int32_increment(state.count))
+    return pull, state._replace(count=next_count(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -199,13 +200,13 @@ def implicit_ewc(anchor: optax.Params | None = None, importance: optax.Params | 
     >>> state = tx.init(params)
   """
   check_scalar_or_schedule(learning_rate, "learning_rate")
-  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype)
+  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("implicit_ewc needs params in update(...)")
     eta_lam = strength_at(learning_rate, state.count) * strength_at(strength, state.count)
-    state = state._replace(count=optax.safe_int32_increment(state.count))
+    state = state._replace(count=next_count(state.count))
 
     def step(u, p, a, i):
       att = 1.0 / (1.0 + eta_lam * i.astype(jnp.float32))

@@ -69,7 +69,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from wva_jax._checks import check_choice, check_importance_values, check_scalar_or_schedule, check_strength
 from wva_jax._copy import fresh_tree
-from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype, strength_at
+from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype, init_count, next_count, strength_at
 
 _PAIRS = (("A", "B"), ("lora_a", "lora_b"))
 _F32 = jnp.float32
@@ -82,11 +82,11 @@ class LoRAState(NamedTuple):
   ``importance``: one array per adapter, shaped like its base kernel. It
   lives in the state so :func:`wva_jax.set_importance` (or
   :func:`wva_jax.consolidate`) swaps in a new task's importance without
-  recompiling. ``count`` (int32 scalar) counts the updates: a ``strength``
-  schedule is evaluated at it.
+  recompiling. ``count`` counts the updates (int32) when ``strength`` is a
+  schedule, which is evaluated at it; ``None`` otherwise.
   """
   importance: Any
-  count: Any
+  count: Any = None
 
 
 # ----------------------------------------------------------------- adapter trees
@@ -461,7 +461,7 @@ def _pullback(a, b, f):
           jnp.einsum("...ir,...io->...ro", a2, f, precision=_HI))
 
 
-def _lora_init(importance, importance_dtype):
+def _lora_init(importance, importance_dtype, strength):
   def init_fn(params):
     ad = _flatten(params, "params")
     if importance is None:
@@ -470,7 +470,7 @@ def _lora_init(importance, importance_dtype):
       _importance_leaves(importance, ad, "kernel_importance")
       # A copy, never the caller's array: a donated state would delete it (wva_jax/_copy.py).
       imp = fresh_tree(importance, importance_dtype)
-    return LoRAState(importance=imp, count=jnp.zeros([], jnp.int32))
+    return LoRAState(importance=imp, count=init_count(strength))
   return init_fn
 
 
@@ -523,9 +523,9 @@ def add_lora_ewc(kernel_importance: optax.Params | None = None, strength: optax.
     ad = _flatten(params, "params")
     pull = _grad_tree(ad, _importance_leaves(state.importance, ad), strength_at(strength, state.count))
     return (jax.tree_util.tree_map(lambda u, p: (u.astype(_F32) + p.astype(_F32)).astype(u.dtype), updates, pull),
-            state._replace(count=optax.safe_int32_increment(state.count)))
+            state._replace(count=next_count(state.count)))
 
-  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype), update_fn)
+  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype, strength), update_fn)
 
 
 def lora_wva_scale(kernel_importance: optax.Params | None = None, strength: optax.ScalarOrSchedule = 1.0, *,
@@ -576,6 +576,6 @@ def lora_wva_scale(kernel_importance: optax.Params | None = None, strength: opta
     factor = _unflatten_pairs(ad, [attenuation(_pullback(a, b, f), lam, viscosity)
                                    for a, b, f in zip(ad.a, ad.b, f_s)])
     return (jax.tree_util.tree_map(lambda u, s: (u.astype(_F32) * s).astype(u.dtype), updates, factor),
-            state._replace(count=optax.safe_int32_increment(state.count)))
+            state._replace(count=next_count(state.count)))
 
-  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype), update_fn)
+  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype, strength), update_fn)

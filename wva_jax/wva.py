@@ -25,15 +25,25 @@ class WVAState(NamedTuple):
   The importance lives in the state, not in a closure, so a new task's
   importance goes in with :func:`wva_jax.set_importance` (or
   :func:`wva_jax.consolidate`) without recompiling a jitted step. ``count``
-  (int32 scalar) counts the updates, as in ``optax.scale_by_schedule``: a
-  ``strength`` schedule is evaluated at it.
+  counts the updates (int32, as in ``optax.scale_by_schedule``) when
+  ``strength`` is a schedule, which is evaluated at it; ``None`` for a
+  constant strength (as optax keeps no count for a constant learning rate).
   """
   importance: Any
-  count: Any
+  count: Any = None
 
 
-def strength_at(strength: optax.ScalarOrSchedule, count: jax.Array) -> ArrayLike:
-  """``strength`` at step ``count``: a schedule's value there, or the scalar itself."""
+def init_count(*hyperparams: Any) -> jax.Array | None:
+  """A state's step count: int32 zero when any of ``hyperparams`` is a schedule (callable), else ``None``."""
+  return jnp.zeros([], jnp.int32) if any(callable(h) for h in hyperparams) else None
+
+
+def next_count(count: Any) -> Any:
+  return None if count is None else optax.safe_int32_increment(count)
+
+
+def strength_at(strength: optax.ScalarOrSchedule, count: Any) -> ArrayLike:
+  """``strength`` at step ``count`` (the state's count, never ``None`` for a schedule), or the scalar itself."""
   return strength(count) if callable(strength) else strength
 
 
@@ -156,13 +166,13 @@ def wva_scale(importance: optax.Params | None = None, strength: optax.ScalarOrSc
 
   def init_fn(params):
     return WVAState(importance=init_importance(importance, params, importance_dtype),
-                    count=jnp.zeros([], jnp.int32))
+                    count=init_count(strength))
 
   def update_fn(updates, state, params=None):
     del params
     factor = attenuation(state.importance, strength_at(strength, state.count), viscosity)
     updates = jax.tree_util.tree_map(lambda u, a: (u * a).astype(u.dtype), updates, factor)
-    return updates, state._replace(count=optax.safe_int32_increment(state.count))
+    return updates, state._replace(count=next_count(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
