@@ -24,7 +24,7 @@ def make_tasks(key, n=1024, dim=16, classes=4):
 class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(4)(nn.relu(nn.Dense(64)(x)))
+    return nn.Dense(4)(nn.relu(nn.Dense(256)(x)))
 
 
 @jax.jit
@@ -40,7 +40,7 @@ def accuracy(state, x, y) -> float:
   return float((state.apply_fn({"params": state.params}, x).argmax(-1) == y).mean())
 
 
-def main(strength: float = 100.0, steps: int = 300, seed: int = 0) -> dict:
+def main(strength: float = 300.0, steps: int = 300, seed: int = 0) -> dict:
   task_a, task_b = make_tasks(jax.random.key(seed))
   model = MLP()
   params = model.init(jax.random.key(seed), task_a[0][:1])["params"]
@@ -58,6 +58,6 @@ def main(strength: float = 100.0, steps: int = 300, seed: int = 0) -> dict:
 
 
 if __name__ == "__main__":
-  for s in (100.0, 0.0):
+  for s in (300.0, 0.0):
     acc = main(strength=s)
     print(f"strength {s:g}: accuracy on A {acc['A']:.2f}, on B {acc['B']:.2f}")

@@ -275,6 +275,7 @@ def test_consolidate_errors_name_the_bad_value():
     wj.consolidate(ewc, {**PARAMS, "a": PARAMS["a"] * jnp.nan}, IMP)
 
 
+@pytest.mark.slow   # nnx.Optimizer eagerly: ~6 s
 def test_consolidate_nnx_optimizer_in_place_equals_the_handwritten_sequence():
   from flax import nnx
 

@@ -44,8 +44,8 @@ def max_rel(x, y):
   return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-# the second random draw only in the full run: each case compiles for ~5 s
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+# the second random draw and bfloat16 only in the full run: each case compiles for ~5 s
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_closed_form_gradient_equals_autodiff_of_dense_form(seed, dtype):
   adapters, imp = random_adapters(seed, dtype)
@@ -70,6 +70,7 @@ def test_closed_form_gradient_equals_autodiff_of_dense_form(seed, dtype):
           assert max_rel(got[k][ab], want[k][ab]) < 1e-6, (k, ab)
 
 
+@pytest.mark.slow   # issue 20: the default run (the fast subset) stays within 3 minutes on 2 cores
 def test_gradient_in_importance_and_strength_equals_dense_form():
   adapters, imp = random_adapters(7)
   got_imp, got_s = jax.grad(wj.lora_ewc_penalty, argnums=(1, 2))(adapters, imp, 0.3)
