@@ -131,10 +131,10 @@ CASES = {
 }
 
 
-# The fast subset keeps the chain of every kind together; SI's path start and
-# each transformation alone run with the slow tests.
-@pytest.mark.parametrize("name", [n if n == "combined"
-                                  else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
+# Every case runs with the slow tests (the combined chain alone costs ~14 s of
+# CPU); the fast subset's donated step is tests/test_lora.py's
+# test_lora_wva_scale_in_chain_with_donation.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in CASES])
 def test_donated_step_over_tasks_matches_undonated(name):
   make, between, si = CASES[name]
   plain, _ = run(make(), donate=False, between=between, si=si)
