@@ -151,22 +151,21 @@ def test_checks_do_not_break_tracing():
   assert f(GOOD, 1.0)["w"].shape == (3, 2)
 
 
-@pytest.mark.parametrize("bad,value", [([0, 1, 2, 1], 2), ([0, -1, 0, 1], -1), ([0, 7, -3, 1], -3)])
-def test_fisher_refuses_out_of_range_targets(bad, value):
+def test_fisher_refuses_out_of_range_targets():
   # one_hot would turn class 2 of 2 (or -1) into a zero row: a finite, wrong Fisher.
-  for targets in (jnp.array(bad), np.array(bad), bad):
+  # (Few calls: each one traces the model.)
+  for targets, value in ((jnp.array([0, 1, 2, 1]), 2), (np.array([0, -1, 0, 1]), -1), ([0, 7, -3, 1], -3)):
     with pytest.raises(ValueError, match=rf"class indices in \[0, 2\).*got {value}(\D|$)"):
       wj.importance.fisher(APPLY, PARAMS, X, targets)
   # concrete targets closed over by a jitted function are still checked
   # (inside the trace, jnp ops on them would give tracers)
-  closed = jnp.array(bad)
-  with pytest.raises(ValueError, match=rf"got {value}(\D|$)"):
+  closed = jnp.array([0, 1, 2, 1])
+  with pytest.raises(ValueError, match=r"got 2(\D|$)"):
     jax.jit(lambda p: wj.importance.fisher(APPLY, p, X, closed))(PARAMS)
   # sequence targets [B, T] too
   seq_apply = lambda p, x: jnp.stack([APPLY(p, x)] * 3, axis=1)
-  seq = jnp.tile(jnp.array(bad)[:, None], (1, 3))
-  with pytest.raises(ValueError, match=rf"got {value}(\D|$)"):
-    wj.importance.fisher(seq_apply, PARAMS, X, seq)
+  with pytest.raises(ValueError, match=r"got -1(\D|$)"):
+    wj.importance.fisher(seq_apply, PARAMS, X, jnp.array([[0, 1, 1], [1, 0, -1], [0, 0, 0], [1, 1, 1]]))
 
 
 def test_fisher_with_traced_targets_works_under_jit():
