@@ -211,6 +211,7 @@ def _tiny_kernels(cfg=TINY) -> list[tuple[int, int]]:
   return [(d, 3 * d), (d, d), (d, h), (h, d)] * cfg.layers
 
 
+@pytest.mark.slow   # issue 20: the default run (the fast subset) stays within 3 minutes on 2 cores
 def test_adapters_merge_is_w_plus_a_b_on_the_blocks_kernels_only():
   _, params = lm.init(TINY)
   ad = adapters.init_adapters(params, jax.random.key(0), rank=3)

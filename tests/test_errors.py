@@ -1,6 +1,7 @@
 """Bad input gets a ValueError/TypeError that names the bad value."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -148,3 +149,42 @@ def test_checks_do_not_break_tracing():
     tx = wj.wva_scale(imp, lam)
     return tx.update(PARAMS, tx.init(PARAMS))[0]
   assert f(GOOD, 1.0)["w"].shape == (3, 2)
+
+
+def test_fisher_refuses_out_of_range_targets():
+  # one_hot would turn class 2 of 2 (or -1) into a zero row: a finite, wrong Fisher.
+  # (Few calls: each one traces the model.)
+  for targets, value in ((jnp.array([0, 1, 2, 1]), 2), (np.array([0, -1, 0, 1]), -1), ([0, 7, -3, 1], -3)):
+    with pytest.raises(ValueError, match=rf"class indices in \[0, 2\).*got {value}(\D|$)"):
+      wj.importance.fisher(APPLY, PARAMS, X, targets)
+  # concrete targets closed over by a jitted function are still checked
+  # (inside the trace, jnp ops on them would give tracers)
+  closed = jnp.array([0, 1, 2, 1])
+  with pytest.raises(ValueError, match=r"got 2(\D|$)"):
+    jax.jit(lambda p: wj.importance.fisher(APPLY, p, X, closed))(PARAMS)
+  # sequence targets [B, T] too
+  seq_apply = lambda p, x: jnp.stack([APPLY(p, x)] * 3, axis=1)
+  with pytest.raises(ValueError, match=r"got -1(\D|$)"):
+    wj.importance.fisher(seq_apply, PARAMS, X, jnp.array([[0, 1, 1], [1, 0, -1], [0, 0, 0], [1, 1, 1]]))
+
+
+def test_fisher_with_traced_targets_works_under_jit():
+  """Traced targets cannot be checked (no error); in-range ones give the eager result, by hand."""
+  w = jnp.array([[0.3, -0.2], [0.1, 0.5], [-0.4, 0.2]])
+  params = {"w": w, "b": jnp.array([0.1, -0.1])}
+  x = jnp.array([[1.0, 0.5, -1.0], [0.2, -0.3, 0.8], [0.0, 1.0, 1.0], [-0.5, 0.5, 0.0]])
+  y = jnp.array([0, 1, 1, 0])
+  jitted = jax.jit(lambda p, x, y: wj.importance.fisher(APPLY, p, x, y))
+  got = jitted(params, x, y)
+  # by hand: d log softmax(z)_y / dz = e_y - p; dW = x (e_y - p)^T, db = e_y - p
+  xs, ys = np.asarray(x, np.float64), np.asarray(y)
+  z = xs @ np.asarray(w, np.float64) + np.array([0.1, -0.1])
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  d = np.eye(2)[ys] - p
+  want_w = np.mean([np.outer(xs[b], d[b]) ** 2 for b in range(4)], axis=0)
+  want_b = np.mean(d ** 2, axis=0)
+  np.testing.assert_allclose(got["w"], want_w, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got["b"], want_b, rtol=1e-5, atol=1e-7)
+  # out of range but traced: not checked (the documented limit), no error
+  jitted(params, x, jnp.array([0, 1, 2, 0]))

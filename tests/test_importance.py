@@ -138,6 +138,7 @@ def test_mas_takes_abs_per_example_not_of_the_batch_gradient(fn):
   assert got == pytest.approx(np.mean(np.abs(per_ex)), rel=1e-6)
 
 
+@pytest.mark.slow   # issue 20: the default run (the fast subset) stays within 3 minutes on 2 cores
 def test_estimators_jit_and_vmap_over_params():
   fn, params, shape, classes = case("mlp")
   x, y = _data(shape, classes)
@@ -149,6 +150,7 @@ def test_estimators_jit_and_vmap_over_params():
                          rm.fisher_empirical_ref(fn, p_i, x, y))
 
 
+@pytest.mark.slow   # issue 20: the default run (the fast subset) stays within 3 minutes on 2 cores
 def test_bf16_params_give_float32_importance_close_to_float32():
   fn, params, shape, classes = case("mlp")
   x, y = _data(shape, classes)

@@ -59,6 +59,7 @@ def test_mlp_matches_hand_reference():
     close(got, want)
 
 
+@pytest.mark.slow   # issue 20: the default run (the fast subset) stays within 3 minutes on 2 cores
 def test_flax_dense_equals_plain_mlp():
   class Net(nn.Module):
     @nn.compact

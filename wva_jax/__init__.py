@@ -18,13 +18,13 @@ from wva_jax.lora import (
 )
 from wva_jax.merge import fisher_merge
 from wva_jax.monitor import training_metrics
-from wva_jax.state import set_anchor, set_importance
+from wva_jax.state import consolidate, set_anchor, set_importance
 from wva_jax.wva import WVAState, attenuation, wva_adam, wva_scale, wva_sgd
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["importance", "metrics", "sharding", "wva_scale", "wva_sgd", "wva_adam", "attenuation", "WVAState",
-           "ewc_penalty", "add_ewc", "implicit_ewc", "EWCState", "set_importance", "set_anchor",
+           "ewc_penalty", "add_ewc", "implicit_ewc", "EWCState", "set_importance", "set_anchor", "consolidate",
            "lora_importance", "lora_ewc_penalty", "lora_ewc_grad", "add_lora_ewc", "lora_pullback",
            "lora_wva_scale", "LoRAState", "save_importance", "load_importance", "importance_metadata",
            "fisher_merge", "training_metrics"]

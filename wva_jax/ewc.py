@@ -16,17 +16,18 @@ from wva_jax._checks import (
   check_strength,
 )
 from wva_jax._copy import fresh_tree
-from wva_jax.wva import check_storage_dtype, init_importance
+from wva_jax.wva import check_storage_dtype, init_count, init_importance, next_count, strength_at
 
 
 class EWCState(NamedTuple):
   """State of :func:`add_ewc` and :func:`implicit_ewc`: anchor and importance.
 
   Both live in the state so :func:`wva_jax.set_anchor` and
-  :func:`wva_jax.set_importance` swap in a new task's values without
-  recompiling. ``count`` is the step count (int32) that an
-  :func:`implicit_ewc` with a learning-rate schedule evaluates the schedule
-  at; ``None`` otherwise.
+  :func:`wva_jax.set_importance` (or :func:`wva_jax.consolidate`) swap in a
+  new task's values without recompiling. ``count`` counts the updates
+  (int32, as in ``optax.scale_by_schedule``) when ``strength`` or
+  :func:`implicit_ewc`'s ``learning_rate`` is a schedule, which is evaluated
+  at it; ``None`` otherwise.
   """
   anchor: Any
   importance: Any
@@ -34,7 +35,7 @@ class EWCState(NamedTuple):
 
 
 def ewc_penalty(params: optax.Params, anchor: optax.Params, importance: optax.Params,
-                strength: ArrayLike) -> jax.Array:
+                strength: ArrayLike = 1.0) -> jax.Array:
   r"""The EWC penalty :math:`\frac{\lambda}{2} \sum_i \Omega_i (\theta_i - \theta^*_i)^2`.
 
   Add it to the task loss; computed in float32 whatever the params' dtype.
@@ -60,8 +61,8 @@ def ewc_penalty(params: optax.Params, anchor: optax.Params, importance: optax.Pa
   return jnp.asarray(0.5 * strength * sum(jax.tree_util.tree_leaves(terms)))
 
 
-def _ewc_factory(anchor, importance, strength, importance_dtype):
-  check_strength(strength)
+def _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate=None):
+  check_scalar_or_schedule(strength, "strength")
   importance_dtype = check_storage_dtype(importance_dtype)
   if importance is not None:
     check_importance_values(importance)
@@ -76,13 +77,15 @@ def _ewc_factory(anchor, importance, strength, importance_dtype):
     # a step jitted with donate_argnums=(0, 1) would otherwise donate the
     # params twice (wva_jax/_copy.py).
     return EWCState(anchor=fresh_tree(params if anchor is None else anchor),
-                    importance=init_importance(importance, params, importance_dtype))
+                    importance=init_importance(importance, params, importance_dtype),
+                    count=init_count(strength, learning_rate))
 
   return init_fn
 
 
-def add_ewc(anchor: optax.Params | None, importance: optax.Params | None, strength: ArrayLike,
-            *, importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
+def add_ewc(anchor: optax.Params | None = None, importance: optax.Params | None = None,
+            strength: optax.ScalarOrSchedule = 1.0, *,
+            importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   r"""Adds the gradient of the EWC penalty to the updates: ``g + lambda * imp * (theta - anchor)``.
 
   Put it first in a chain, so every optimizer (SGD, Adam, anything) sees the
@@ -97,7 +100,8 @@ def add_ewc(anchor: optax.Params | None, importance: optax.Params | None, streng
       large model pass ``None`` and :func:`wva_jax.set_anchor` later, so the
       transform's closure holds no second tree.
     importance: like params, >= 0, or ``None`` for zeros.
-    strength: ``lambda`` >= 0 (may be traced).
+    strength: ``lambda`` >= 0 (may be traced), or an optax schedule of the
+      step count (the state's ``count``, 0 at the first update).
     importance_dtype: storage dtype of the importance (``jnp.bfloat16`` to
       save memory); the pull is computed in float32. The anchor keeps the
       params' dtype.
@@ -112,23 +116,30 @@ def add_ewc(anchor: optax.Params | None, importance: optax.Params | None, streng
     >>> u, _ = tx.update({'w': jnp.zeros(1)}, tx.init(params), params)
     >>> round(float(u['w'][0]), 6)   # -0.1 * 2 * 1 * (1 - 0)
     -0.2
+
+    The usual set-up: nothing known before the first task, the between-tasks
+    step (:func:`wva_jax.consolidate`) fills in importance and anchor:
+
+    >>> tx = optax.chain(wj.add_ewc(strength=2.0), optax.adam(1e-3))
+    >>> state = wj.consolidate(tx.init(params), params, {'w': jnp.ones(1)})
   """
   init_fn = _ewc_factory(anchor, importance, strength, importance_dtype)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("add_ewc needs params in update(...) to compute the pull to the anchor")
+    lam = strength_at(strength, state.count)
     pull = jax.tree_util.tree_map(
-        lambda u, p, a, i: (u.astype(jnp.float32) + strength * i.astype(jnp.float32)
+        lambda u, p, a, i: (u.astype(jnp.float32) + lam * i.astype(jnp.float32)
                             * (p.astype(jnp.float32) - a.astype(jnp.float32))).astype(u.dtype),
         updates, params, state.anchor, state.importance)
-    return pull, state
+    return pull, state._replace(count=next_count(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def implicit_ewc(anchor: optax.Params | None, importance: optax.Params | None,
-                 strength: ArrayLike, *, learning_rate: optax.ScalarOrSchedule,
+def implicit_ewc(anchor: optax.Params | None = None, importance: optax.Params | None = None,
+                 strength: optax.ScalarOrSchedule = 1.0, *, learning_rate: optax.ScalarOrSchedule,
                  importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   r"""Implicit (proximal) EWC: the unconditionally stable step of the EWC penalty.
 
@@ -156,7 +167,8 @@ def implicit_ewc(anchor: optax.Params | None, importance: optax.Params | None,
   Args:
     anchor: ``theta*`` (like params) or ``None`` for the params at ``init``.
     importance: like params, >= 0, or ``None`` for zeros.
-    strength: ``lambda`` >= 0.
+    strength: ``lambda`` >= 0, or an optax schedule of the step count
+      (evaluated at the state's ``count``, as ``learning_rate``).
     learning_rate: ``eta``, the step size that ``lambda`` is measured
       against: pass the float or ``optax`` schedule you gave the optimizer
       it follows, and ``strength`` means what it means in :func:`add_ewc`
@@ -184,28 +196,20 @@ def implicit_ewc(anchor: optax.Params | None, importance: optax.Params | None,
     With a schedule (the same one the optimizer gets):
 
     >>> lr = optax.linear_schedule(0.1, 0.0, transition_steps=10)
-    >>> tx = optax.chain(optax.sgd(lr), wj.implicit_ewc(None, None, 10.0, learning_rate=lr))
+    >>> tx = optax.chain(optax.sgd(lr), wj.implicit_ewc(strength=10.0, learning_rate=lr))
     >>> state = tx.init(params)
   """
   check_scalar_or_schedule(learning_rate, "learning_rate")
-  base_init = _ewc_factory(anchor, importance, strength, importance_dtype)
-  scheduled = callable(learning_rate)
-
-  def init_fn(params):
-    state = base_init(params)
-    return state._replace(count=jnp.zeros([], jnp.int32)) if scheduled else state
+  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("implicit_ewc needs params in update(...)")
-    if scheduled:
-      eta = learning_rate(state.count)
-      state = state._replace(count=optax.safe_int32_increment(state.count))
-    else:
-      eta = learning_rate
+    eta_lam = strength_at(learning_rate, state.count) * strength_at(strength, state.count)
+    state = state._replace(count=next_count(state.count))
 
     def step(u, p, a, i):
-      att = 1.0 / (1.0 + eta * strength * i.astype(jnp.float32))
+      att = 1.0 / (1.0 + eta_lam * i.astype(jnp.float32))
       off = p.astype(jnp.float32) - a.astype(jnp.float32)
       return (att * u.astype(jnp.float32) - (1.0 - att) * off).astype(u.dtype)
 

@@ -32,7 +32,9 @@ by ``alpha / rank``: see :func:`lora_importance`'s ``scale``.
 The importance tree has one array per adapter, shaped like the base kernel
 (``A.shape[:-1] + B.shape[-1:]``), at the adapter's place in the tree: build
 it from the base model's importance (any :mod:`wva_jax.importance`
-estimator run on the frozen weights) with :func:`lora_importance`.
+estimator run on the frozen weights) with :func:`lora_importance`. Every
+function here takes the adapters first and calls this tree
+``kernel_importance``.
 
 EWC on the effective update (:func:`lora_ewc_penalty`, :func:`add_lora_ewc`)
 anchors at the pretrained weights (:math:`\Delta W = 0`), so the anchor costs
@@ -78,9 +80,9 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from wva_jax._checks import check_choice, check_importance_values, check_strength
+from wva_jax._checks import check_choice, check_importance_values, check_scalar_or_schedule, check_strength
 from wva_jax._copy import fresh_tree
-from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype
+from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype, init_count, next_count, strength_at
 
 _PAIRS = (("A", "B"), ("lora_a", "lora_b"))
 _QWIX = ("_lora_a", "_lora_b")   # qwix: <w>_lora_a, <w>_lora_b beside the adapted weight <w>
@@ -89,13 +91,16 @@ _HI = lax.Precision.HIGHEST
 
 
 class LoRAState(NamedTuple):
-  """State of :func:`add_lora_ewc` and :func:`lora_wva_scale`: the base kernels' importance.
+  """State of :func:`add_lora_ewc` and :func:`lora_wva_scale`: the base kernels' importance and the step count.
 
-  One array per adapter, shaped like its base kernel. It lives in the state
-  so :func:`wva_jax.set_importance` swaps in a new task's importance without
-  recompiling.
+  ``importance``: one array per adapter, shaped like its base kernel. It
+  lives in the state so :func:`wva_jax.set_importance` (or
+  :func:`wva_jax.consolidate`) swaps in a new task's importance without
+  recompiling. ``count`` counts the updates (int32) when ``strength`` is a
+  schedule, which is evaluated at it; ``None`` otherwise.
   """
   importance: Any
+  count: Any = None
 
 
 # ----------------------------------------------------------------- adapter trees
@@ -354,7 +359,7 @@ _penalty.defvjp(_penalty_fwd, _penalty_bwd)
 
 # ----------------------------------------------------------------- public API
 
-def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
+def lora_importance(adapters: optax.Params, base_importance: optax.Params, *,
                     kernel_path: Callable[[tuple], tuple] | None = None, scale: ArrayLike = 1.0) -> optax.Params:
   r"""Pairs each adapter with its base kernel's importance: the importance tree of the LoRA transforms.
 
@@ -382,27 +387,27 @@ def lora_importance(base_importance: optax.Params, adapters: optax.Params, *,
   A B`` and ``F (s A B)^2 = (s^2 F) (A B)^2``.
 
   Args:
+    adapters: the adapter pytree (see :mod:`wva_jax.lora`).
     base_importance: the base model's importance (a pytree; ``nnx.State``
       and ``nnx.Variable`` leaves are fine).
-    adapters: the adapter pytree (see :mod:`wva_jax.lora`).
     kernel_path: optional ``f(P) -> key path`` of the kernel in
       ``base_importance``, keys as plain strings / ints.
     scale: ``s`` in ``delta W = s A B`` (qwix and PEFT: ``alpha / rank``);
       the importance is multiplied by ``s**2``.
 
   Returns:
-    One array per adapter, shaped like its kernel (``A.shape[:-1] +
-    B.shape[-1:]``; for a qwix einsum adapter ``A.shape[:-1] +
-    B.shape[1:]``), in the adapters' containers (a qwix module's mapping
-    becomes ``{'w': importance}``). With ``scale=1`` and no transpose the
-    arrays are ``base_importance``'s own (no copy; the transforms copy at
-    ``init``).
+    The ``kernel_importance`` of the other LoRA functions: one array per
+    adapter, shaped like its kernel (``A.shape[:-1] + B.shape[-1:]``; for a
+    qwix einsum adapter ``A.shape[:-1] + B.shape[1:]``), in the adapters'
+    containers (a qwix module's mapping becomes ``{'w': importance}``). With
+    ``scale=1`` and no transpose the arrays are ``base_importance``'s own (no
+    copy; the transforms copy at ``init``).
 
   Example:
     >>> import jax.numpy as jnp, wva_jax as wj
     >>> base_imp = {'dense': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)}}
     >>> adapters = {'dense': {'A': jnp.zeros((3, 2)), 'B': jnp.zeros((2, 4))}}
-    >>> wj.lora_importance(base_imp, adapters)['dense'].shape
+    >>> wj.lora_importance(adapters, base_imp)['dense'].shape
     (3, 4)
   """
   check_strength(scale, "scale")
@@ -463,7 +468,8 @@ def _group(shape: tuple, want: tuple) -> bool:
   return j == len(want) and acc == 1
 
 
-def lora_ewc_penalty(adapters: optax.Params, importance: optax.Params, strength: ArrayLike) -> jax.Array:
+def lora_ewc_penalty(adapters: optax.Params, kernel_importance: optax.Params, strength: ArrayLike = 1.0
+                     ) -> jax.Array:
   r"""EWC on the adapters' effective update: :math:`\frac{\lambda}{2}\sum_l \sum_{ij} F^{(l)}_{ij} (A_l B_l)_{ij}^2`.
 
   The anchor is the pretrained weights (:math:`\Delta W = A B = 0`), ``F``
@@ -484,8 +490,8 @@ def lora_ewc_penalty(adapters: optax.Params, importance: optax.Params, strength:
 
   Args:
     adapters: the adapter pytree (see :mod:`wva_jax.lora`).
-    importance: one array per adapter, shaped like its kernel
-      (:func:`lora_importance`), >= 0.
+    kernel_importance: the base kernels' importance, one array per adapter
+      shaped like its kernel (:func:`lora_importance`), >= 0.
     strength: ``lambda`` >= 0 (may be traced).
 
   Returns:
@@ -503,12 +509,13 @@ def lora_ewc_penalty(adapters: optax.Params, importance: optax.Params, strength:
   """
   check_strength(strength)
   ad = _flatten(adapters)
-  f_s = _importance_leaves(importance, ad)
-  check_importance_values(f_s)
+  f_s = _importance_leaves(kernel_importance, ad, "kernel_importance")
+  check_importance_values(f_s, "kernel_importance")
   return _penalty(jnp.asarray(strength, _F32), ad.a, ad.b, [jnp.asarray(f) for f in f_s])
 
 
-def lora_ewc_grad(adapters: optax.Params, importance: optax.Params, strength: ArrayLike) -> optax.Params:
+def lora_ewc_grad(adapters: optax.Params, kernel_importance: optax.Params, strength: ArrayLike = 1.0
+                  ) -> optax.Params:
   r"""The exact gradient of :func:`lora_ewc_penalty` in closed form, layer by layer.
 
   With :math:`P = F \odot (A B)` (float32):
@@ -523,7 +530,7 @@ def lora_ewc_grad(adapters: optax.Params, importance: optax.Params, strength: Ar
 
   Args:
     adapters: the adapter pytree.
-    importance: one array per adapter, shaped like its kernel.
+    kernel_importance: one array per adapter, shaped like its kernel.
     strength: ``lambda`` >= 0.
 
   Returns:
@@ -538,8 +545,8 @@ def lora_ewc_grad(adapters: optax.Params, importance: optax.Params, strength: Ar
   """
   check_strength(strength)
   ad = _flatten(adapters)
-  f_s = _importance_leaves(importance, ad)
-  check_importance_values(f_s)
+  f_s = _importance_leaves(kernel_importance, ad, "kernel_importance")
+  check_importance_values(f_s, "kernel_importance")
   return _grad_tree(ad, f_s, strength)
 
 
@@ -549,7 +556,7 @@ def _grad_tree(ad: _Adapters, f_s: list, strength) -> Any:
                                for (da, db), a, b in zip(grads, ad.a, ad.b)])
 
 
-def lora_pullback(adapters: optax.Params, importance: optax.Params) -> optax.Params:
+def lora_pullback(adapters: optax.Params, kernel_importance: optax.Params) -> optax.Params:
   r"""The adapters' own (diagonal) importance: the base kernels' importance pulled back through ``A @ B``.
 
   .. math::
@@ -563,7 +570,7 @@ def lora_pullback(adapters: optax.Params, importance: optax.Params) -> optax.Par
 
   Args:
     adapters: the adapter pytree.
-    importance: one array per adapter, shaped like its kernel.
+    kernel_importance: one array per adapter, shaped like its kernel.
 
   Returns:
     A float32 tree like ``adapters``.
@@ -576,7 +583,7 @@ def lora_pullback(adapters: optax.Params, importance: optax.Params) -> optax.Par
     (4.5, 2.0)
   """
   ad = _flatten(adapters)
-  f_s = _importance_leaves(importance, ad)
+  f_s = _importance_leaves(kernel_importance, ad, "kernel_importance")
   return _unflatten_pairs(ad, [_pullback(a, b, f) for a, b, f in zip(ad.a, ad.b, f_s)])
 
 
@@ -587,20 +594,28 @@ def _pullback(a, b, f):
           jnp.einsum("...ir,...io->...ro", a2, f, precision=_HI))
 
 
-def _lora_init(importance, importance_dtype):
+def _lora_init(importance, importance_dtype, strength):
   def init_fn(params):
     ad = _flatten(params, "params")
     if importance is None:
       imp = _importance_tree(ad, [jnp.zeros(k, importance_dtype) for k in ad.kshape])
     else:
-      _importance_leaves(importance, ad)
+      _importance_leaves(importance, ad, "kernel_importance")
       # A copy, never the caller's array: a donated state would delete it (wva_jax/_copy.py).
       imp = fresh_tree(importance, importance_dtype)
-    return LoRAState(importance=imp)
+    return LoRAState(importance=imp, count=init_count(strength))
   return init_fn
 
 
-def add_lora_ewc(importance: optax.Params | None, strength: ArrayLike, *,
+def _check_lora_factory(kernel_importance, strength, importance_dtype):
+  check_scalar_or_schedule(strength, "strength")
+  importance_dtype = check_storage_dtype(importance_dtype)
+  if kernel_importance is not None:
+    check_importance_values(kernel_importance, "kernel_importance")
+  return importance_dtype
+
+
+def add_lora_ewc(kernel_importance: optax.Params | None = None, strength: optax.ScalarOrSchedule = 1.0, *,
                  importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   r"""Adds the gradient of :func:`lora_ewc_penalty` to the adapters' updates.
 
@@ -611,10 +626,12 @@ def add_lora_ewc(importance: optax.Params | None, strength: ArrayLike, *,
   0``); a step needs one layer's dense product at a time on top of it.
 
   Args:
-    importance: one array per adapter shaped like its base kernel
+    kernel_importance: one array per adapter shaped like its base kernel
       (:func:`lora_importance`), >= 0, or ``None`` for zeros until
-      :func:`wva_jax.set_importance` swaps one in. ``init`` stores a copy.
-    strength: ``lambda`` >= 0 (may be traced).
+      :func:`wva_jax.set_importance` (or :func:`wva_jax.consolidate`) swaps
+      one in. ``init`` stores a copy.
+    strength: ``lambda`` >= 0 (may be traced), or an optax schedule of the
+      step count (the state's ``count``, 0 at the first update).
     importance_dtype: storage dtype (``None``: float32; ``jnp.bfloat16``
       halves it); the gradient is computed in float32.
 
@@ -631,23 +648,20 @@ def add_lora_ewc(importance: optax.Params | None, strength: ArrayLike, *,
     >>> round(float(u['w']['A'][0, 0]), 4), round(float(u['w']['B'][0, 0]), 4)   # -0.1 * (18, 6)
     (-1.8, -0.6)
   """
-  check_strength(strength)
-  importance_dtype = check_storage_dtype(importance_dtype)
-  if importance is not None:
-    check_importance_values(importance)
+  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("add_lora_ewc needs params (the adapters) in update(...)")
     ad = _flatten(params, "params")
-    pull = _grad_tree(ad, _importance_leaves(state.importance, ad), strength)
-    return jax.tree_util.tree_map(
-        lambda u, p: (u.astype(_F32) + p.astype(_F32)).astype(u.dtype), updates, pull), state
+    pull = _grad_tree(ad, _importance_leaves(state.importance, ad), strength_at(strength, state.count))
+    return (jax.tree_util.tree_map(lambda u, p: (u.astype(_F32) + p.astype(_F32)).astype(u.dtype), updates, pull),
+            state._replace(count=next_count(state.count)))
 
-  return optax.GradientTransformation(_lora_init(importance, importance_dtype), update_fn)
+  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype, strength), update_fn)
 
 
-def lora_wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
+def lora_wva_scale(kernel_importance: optax.Params | None = None, strength: optax.ScalarOrSchedule = 1.0, *,
                    viscosity: str = "hyperbolic", importance_dtype: DTypeLike | None = None
                    ) -> optax.GradientTransformation:
   r"""WVA for adapters: each adapter update scaled by ``1/(1+lambda*Omega)`` with the pulled-back importance.
@@ -665,8 +679,8 @@ def lora_wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *
   kernels' importance; a step forms no dense ``A @ B``.
 
   Args:
-    importance: as in :func:`add_lora_ewc`.
-    strength: ``lambda`` >= 0.
+    kernel_importance: as in :func:`add_lora_ewc`.
+    strength: ``lambda`` >= 0, or an optax schedule of the step count.
     viscosity: ``'hyperbolic'`` or ``'exponential'``.
     importance_dtype: storage dtype of the importance (``None``: float32).
 
@@ -683,19 +697,18 @@ def lora_wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *
     >>> round(float(u['w']['A'][0, 0]), 4), round(float(u['w']['B'][0, 0]), 4)   # -1/(1+4.5), -1/(1+2)
     (-0.1818, -0.3333)
   """
-  check_strength(strength)
   check_choice(viscosity, VISCOSITIES, "viscosity")
-  importance_dtype = check_storage_dtype(importance_dtype)
-  if importance is not None:
-    check_importance_values(importance)
+  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("lora_wva_scale needs params (the adapters) in update(...)")
     ad = _flatten(params, "params")
     f_s = _importance_leaves(state.importance, ad)
-    factor = _unflatten_pairs(ad, [attenuation(_pullback(a, b, f), strength, viscosity)
+    lam = strength_at(strength, state.count)
+    factor = _unflatten_pairs(ad, [attenuation(_pullback(a, b, f), lam, viscosity)
                                    for a, b, f in zip(ad.a, ad.b, f_s)])
-    return jax.tree_util.tree_map(lambda u, s: (u.astype(_F32) * s).astype(u.dtype), updates, factor), state
+    return (jax.tree_util.tree_map(lambda u, s: (u.astype(_F32) * s).astype(u.dtype), updates, factor),
+            state._replace(count=next_count(state.count)))
 
-  return optax.GradientTransformation(_lora_init(importance, importance_dtype), update_fn)
+  return optax.GradientTransformation(_lora_init(kernel_importance, importance_dtype, strength), update_fn)

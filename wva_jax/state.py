@@ -1,15 +1,24 @@
 """Swapping a new task's importance or anchor into an existing optimizer state."""
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
-from wva_jax._checks import check_finite, check_importance_values, check_like_params
-from wva_jax._copy import fresh
+from wva_jax._checks import (
+  check_choice,
+  check_finite,
+  check_importance_values,
+  check_like_params,
+  check_strength,
+  concrete_scalar,
+)
+from wva_jax._copy import fresh, fresh_tree
 from wva_jax.ewc import EWCState
+from wva_jax.importance.si import PathIntegralState
 from wva_jax.lora import LoRAState
 from wva_jax.wva import WVAState
 
@@ -140,3 +149,135 @@ def set_anchor(opt_state: _S, anchor: optax.Params) -> _S:
     >>> state = wj.set_anchor(tx.init(params), params)
   """
   return _replace(opt_state, (EWCState,), "anchor", anchor, check_finite)
+
+
+COMBINES = ("sum", "replace")
+
+
+def consolidate(opt_state: _S, params: optax.Params, importance: optax.Params, *, combine: str = "sum",
+                decay: ArrayLike | None = None) -> _S:
+  r"""The between-tasks step: folds a finished task's importance into the state and re-anchors it.
+
+  For whatever the state holds (anywhere in an ``optax.chain`` or wrapper):
+
+  * every importance (:class:`~wva_jax.WVAState`, :class:`~wva_jax.EWCState`,
+    :class:`~wva_jax.LoRAState`) becomes :math:`\Omega \leftarrow \gamma\,
+    \Omega_{\rm old} + \Omega_{\rm new}`, with ``combine="sum"`` and
+    ``decay=None`` (:math:`\gamma = 1`: the importance of every past task adds
+    up, the seed's raw sums), ``decay=gamma`` in [0, 1] (online EWC), or
+    ``combine="replace"`` (:math:`\gamma = 0`: the newest task only); the sum
+    is taken in float32 and stored in the state's dtype;
+  * every EWC anchor (:func:`~wva_jax.add_ewc`, :func:`~wva_jax.implicit_ewc`)
+    becomes a copy of ``params``; LoRA's anchor is the pretrained weights
+    (:math:`\Delta W = 0`) and has nothing to move;
+  * every SI path (:func:`wva_jax.importance.path_integral`) restarts at
+    ``params`` (:func:`wva_jax.importance.restart_path`).
+
+  Everything else (Adam's moments, the step counts that ``strength``
+  schedules read) is left as it is. The structure and dtypes of the state do
+  not change, so a jitted step runs on without retracing. A
+  ``flax.nnx.Optimizer`` is updated in place (and returned).
+
+  It replaces the hand-written sequence::
+
+    total = wj.importance.accumulate(total, importance)   # or decay / the new one alone
+    state = wj.set_importance(state, total)
+    state = wj.set_anchor(state, params)                  # EWC, implicit EWC
+    state = wj.importance.restart_path(state, params)     # SI
+
+  except that the running total is the one in the state (in its dtype: with
+  a bfloat16 importance keep a float32 total yourself and pass it with
+  ``combine="replace"``).
+
+  Args:
+    opt_state: an optax state (or ``nnx.Optimizer``) holding at least one
+      WVA, EWC or LoRA state.
+    params: the parameters at the end of the task (the adapters for LoRA);
+      an ``nnx.State`` for an ``nnx.Optimizer``.
+    importance: the finished task's importance, shaped like the states'
+      importance (``params`` for WVA/EWC; the kernel importance of
+      :func:`wva_jax.lora_importance` for LoRA), finite and >= 0.
+    combine: ``"sum"`` or ``"replace"``.
+    decay: ``gamma`` in [0, 1] multiplying the old importance before the
+      sum (``None``: 1); only with ``combine="sum"``.
+
+  Returns:
+    The new state, like ``opt_state``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, wva_jax as wj
+    >>> params = {'w': jnp.zeros(2)}
+    >>> tx = optax.chain(wj.add_ewc(strength=1.0), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> state = wj.consolidate(state, {'w': jnp.ones(2)}, {'w': jnp.array([1.0, 2.0])})
+    >>> state = wj.consolidate(state, {'w': jnp.ones(2)}, {'w': jnp.array([1.0, 2.0])}, decay=0.5)
+    >>> state[0].importance['w'].tolist(), state[0].anchor['w'].tolist()   # 0.5 * [1, 2] + [1, 2]
+    ([1.5, 3.0], [1.0, 1.0])
+  """
+  check_choice(combine, COMBINES, "combine")
+  if decay is not None:
+    if combine != "sum":
+      raise ValueError(f"decay applies to combine='sum' only, got combine={combine!r} with decay={decay!r}")
+    check_strength(decay, "decay")
+    value = concrete_scalar(decay, "decay")
+    if value is not None and value > 1:
+      raise ValueError(f"decay must be in [0, 1], got {value!r}")
+  replace, gamma = combine == "replace", 1.0 if decay is None else decay
+  check_importance_values(importance)
+  check_finite(params, "params")
+  if _is_nnx_optimizer(opt_state):
+    from flax import nnx
+    pure = nnx.as_pure(opt_state.opt_state)   # type: ignore[attr-defined]
+    new = _consolidate(pure, nnx.as_pure(params), nnx.as_pure(importance), replace, gamma, _fit_leaves)
+    nnx.update(opt_state.opt_state, nnx.state(new))   # type: ignore[attr-defined]
+    return opt_state
+  return _consolidate(opt_state, params, importance, replace, gamma, _fit_tree)
+
+
+def _fit_tree(value: Any, like: Any, name: str) -> Any:
+  check_like_params(value, like, name)
+  return value
+
+
+def _fit_leaves(value: Any, like: Any, name: str) -> Any:
+  """``value``'s leaves in ``like``'s structure (an ``nnx.State`` and the optimizer's pure state differ in type)."""
+  leaves, like_leaves = jax.tree_util.tree_leaves(value), jax.tree_util.tree_leaves(like)
+  if len(leaves) != len(like_leaves):
+    raise ValueError(f"{name} has {len(leaves)} leaves, the optimizer's state has {len(like_leaves)}")
+  for new, old in zip(leaves, like_leaves):
+    if jnp.shape(new) != jnp.shape(old):
+      raise ValueError(f"{name} leaf of shape {jnp.shape(new)} does not fit the state's {jnp.shape(old)}")
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+
+
+def _consolidate(opt_state, params, importance, replace, gamma, fit):
+  types = (*_IMPORTANCE_STATES, PathIntegralState)
+  is_target = lambda x: isinstance(x, types)
+  found = []
+
+  def one(s):
+    if not is_target(s):
+      return s
+    found.append(s)
+    if isinstance(s, PathIntegralState):
+      start = fit(params, s.start, "params")
+      return s._replace(inner_state=jax.tree_util.tree_map(one, s.inner_state, is_leaf=is_target),
+                        omega=jax.tree_util.tree_map(jnp.zeros_like, s.omega), start=fresh_tree(start))
+    imp = fit(importance, s.importance, "importance")
+    if replace:
+      new_imp = jax.tree_util.tree_map(lambda n, o: fresh(n, jnp.result_type(o)), imp, s.importance)
+    else:   # a new buffer too (the sum is one)
+      new_imp = jax.tree_util.tree_map(
+          lambda n, o: (gamma * o.astype(jnp.float32) + jnp.asarray(n, jnp.float32)).astype(o.dtype),
+          imp, s.importance)
+    s = s._replace(importance=new_imp)
+    if isinstance(s, EWCState):
+      anchor = fit(params, s.anchor, "params")
+      s = s._replace(anchor=jax.tree_util.tree_map(lambda p, a: fresh(p, jnp.result_type(a)), anchor, s.anchor))
+    return s
+
+  new_state = jax.tree_util.tree_map(one, opt_state, is_leaf=is_target)
+  if not any(isinstance(s, _IMPORTANCE_STATES) for s in found):
+    raise ValueError("opt_state contains no WVAState, EWCState or LoRAState: nothing to consolidate "
+                     "(build the optimizer with wva_scale, add_ewc, implicit_ewc, add_lora_ewc or lora_wva_scale)")
+  return new_state

@@ -8,19 +8,43 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from wva_jax._checks import check_choice, check_importance_values, check_like_params, check_strength
+from wva_jax._checks import (
+  check_choice,
+  check_importance_values,
+  check_like_params,
+  check_scalar_or_schedule,
+)
 from wva_jax._copy import fresh_tree
 
 VISCOSITIES = ("hyperbolic", "exponential")
 
 
 class WVAState(NamedTuple):
-  """State of :func:`wva_scale`: the importance (float32, shaped like params).
+  """State of :func:`wva_scale`: the importance (float32, shaped like params) and the step count.
 
-  It lives in the state, not in a closure, so a new task's importance goes in
-  with :func:`wva_jax.set_importance` without recompiling a jitted step.
+  The importance lives in the state, not in a closure, so a new task's
+  importance goes in with :func:`wva_jax.set_importance` (or
+  :func:`wva_jax.consolidate`) without recompiling a jitted step. ``count``
+  counts the updates (int32, as in ``optax.scale_by_schedule``) when
+  ``strength`` is a schedule, which is evaluated at it; ``None`` for a
+  constant strength (as optax keeps no count for a constant learning rate).
   """
   importance: Any
+  count: Any = None
+
+
+def init_count(*hyperparams: Any) -> jax.Array | None:
+  """A state's step count: int32 zero when any of ``hyperparams`` is a schedule (callable), else ``None``."""
+  return jnp.zeros([], jnp.int32) if any(callable(h) for h in hyperparams) else None
+
+
+def next_count(count: Any) -> Any:
+  return None if count is None else optax.safe_int32_increment(count)
+
+
+def strength_at(strength: optax.ScalarOrSchedule, count: Any) -> ArrayLike:
+  """``strength`` at step ``count`` (the state's count, never ``None`` for a schedule), or the scalar itself."""
+  return strength(count) if callable(strength) else strength
 
 
 def attenuation(importance: optax.Params, strength: ArrayLike,
@@ -61,7 +85,7 @@ def init_importance(importance: optax.Params | None, params: optax.Params,
   return fresh_tree(importance, dtype)
 
 
-def wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
+def wva_scale(importance: optax.Params | None = None, strength: optax.ScalarOrSchedule = 1.0, *,
               viscosity: str = "hyperbolic", importance_dtype: DTypeLike | None = None
               ) -> optax.GradientTransformation:
   r"""Scales each update by an attenuation that falls with the parameter's importance.
@@ -101,7 +125,9 @@ def wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
       stores a copy (a donated state must not delete the caller's array);
       for a large model pass ``None`` and ``set_importance``, so the closure
       holds no second tree.
-    strength: ``lambda`` >= 0 (may be a traced scalar, e.g. under ``vmap``).
+    strength: ``lambda`` >= 0 (may be a traced scalar, e.g. under ``vmap``),
+      or an optax schedule: a function of the step count (the state's
+      ``count``, 0 at the first update) returning ``lambda``.
     viscosity: ``'hyperbolic'`` or ``'exponential'``.
     importance_dtype: how the state stores the importance: ``None`` for
       float32, ``jnp.bfloat16`` to halve its memory for large models; the
@@ -118,31 +144,41 @@ def wva_scale(importance: optax.Params | None, strength: ArrayLike = 1.0, *,
     >>> [round(float(v), 6) for v in u['w']]   # -0.1 * [1/(1+0), 1/(1+3)]
     [-0.1, -0.025]
 
+    ``strength`` may follow a schedule of the step count (here 0 at the first
+    update, rising to 3 over 10 updates):
+
+    >>> tx = optax.chain(optax.sgd(0.1), wj.wva_scale(strength=optax.linear_schedule(0.0, 3.0, 10)))
+    >>> state = wj.set_importance(tx.init(params), {'w': jnp.array([0.0, 3.0])})
+    >>> u, state = tx.update({'w': jnp.ones(2)}, state, params)
+    >>> [round(float(v), 6) for v in u['w']]   # strength 0: no attenuation yet
+    [-0.1, -0.1]
+
   References:
     The seed study (WVA); Kutalev & Lapina, "Stabilizing Elastic Weight
     Consolidation method in practical ML tasks and using weight importances
     for neural network pruning", 2021.
   """
-  check_strength(strength)
+  check_scalar_or_schedule(strength, "strength")
   check_choice(viscosity, VISCOSITIES, "viscosity")
   importance_dtype = check_storage_dtype(importance_dtype)
   if importance is not None:
     check_importance_values(importance)
 
   def init_fn(params):
-    return WVAState(importance=init_importance(importance, params, importance_dtype))
+    return WVAState(importance=init_importance(importance, params, importance_dtype),
+                    count=init_count(strength))
 
   def update_fn(updates, state, params=None):
     del params
-    factor = attenuation(state.importance, strength, viscosity)
+    factor = attenuation(state.importance, strength_at(strength, state.count), viscosity)
     updates = jax.tree_util.tree_map(lambda u, a: (u * a).astype(u.dtype), updates, factor)
-    return updates, state
+    return updates, state._replace(count=next_count(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def wva_sgd(learning_rate: optax.ScalarOrSchedule, importance: optax.Params | None = None,
-            strength: ArrayLike = 1.0, *, viscosity: str = "hyperbolic",
+            strength: optax.ScalarOrSchedule = 1.0, *, viscosity: str = "hyperbolic",
             importance_dtype: DTypeLike | None = None) -> optax.GradientTransformation:
   """SGD (no momentum) with WVA: ``optax.chain(optax.sgd(lr), wva_scale(...))``.
 
@@ -182,7 +218,7 @@ def _with_nu_dtype(adam: optax.GradientTransformation, nu_dtype: jnp.dtype) -> o
 
 
 def wva_adam(learning_rate: optax.ScalarOrSchedule, importance: optax.Params | None = None,
-             strength: ArrayLike = 1.0, *, viscosity: str = "hyperbolic",
+             strength: optax.ScalarOrSchedule = 1.0, *, viscosity: str = "hyperbolic",
              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
              mu_dtype: DTypeLike | None = None, nesterov: bool = False,
              importance_dtype: DTypeLike | None = None,

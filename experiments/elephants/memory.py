@@ -150,7 +150,7 @@ def measure_lora(apply_fn, params, batch, method: str) -> dict:
   copied), so "params" below is base + adapters.
   """
   ad = adapters.init_adapters(params, jax.random.key(0))
-  imp = wj.lora_importance(jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, jnp.float32), params), ad)
+  imp = wj.lora_importance(ad, jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, jnp.float32), params))
   tx = adapters.make_tx(method, 1.0, adapters.LR, imp)
   state = tx.init(ad)
   is_cons = lambda x: isinstance(x, wj.LoRAState)

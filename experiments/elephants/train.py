@@ -116,7 +116,7 @@ def make_lora_run(apply_fn, method: str, sched: Schedule, lr: float = adapters.L
   """
   def run(params, importance, strength, key, train_b, eval_a, eval_b):
     ad = adapters.init_adapters(params, jax.random.fold_in(key, 1), rank)
-    imp = None if importance is None else wj.lora_importance(importance, ad)
+    imp = None if importance is None else wj.lora_importance(ad, importance)
     tx = adapters.make_tx(method, strength, lr, imp)
     lora_apply = lambda a, tokens: apply_fn(adapters.merge(params, a), tokens)
     step = make_train_step(lora_apply, tx)

@@ -49,7 +49,8 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
       (BatchNorm in training mode) is refused by name.
     params: a pytree of arrays.
     inputs: a pytree of arrays with a leading example axis ``B``.
-    targets: for ``'empirical'``: integer classes ``[B, ...]`` or class
+    targets: for ``'empirical'``: integer classes ``[B, ...]`` in ``[0, C)``
+      (a concrete target outside is a ``ValueError``) or class
       probabilities (e.g. one-hot) ``[B, ..., C]``. Ignored otherwise.
     mode: ``'empirical'``, ``'sampled'`` or ``'exact'``.
     key: a ``jax.random`` key, required for ``'sampled'`` (one draw per
@@ -96,12 +97,13 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
   if mode == "empirical":
     if targets is None:
       raise ValueError("mode='empirical' needs targets (use mode='sampled' or 'exact' without labels)")
-    targets = jnp.asarray(targets)
+    given, targets = targets, jnp.asarray(targets)
     if targets.ndim == 0 or targets.shape[0] != n:
       raise ValueError(f"targets have leading size {targets.shape[:1]}, but inputs have {n} examples")
     if jnp.issubdtype(targets.dtype, jnp.integer):
       if targets.shape != (n,) + positions:
         raise ValueError(f"integer targets have shape {targets.shape}, expected {(n,) + positions}")
+      _check_classes(given, num_classes)
     elif targets.shape != (n,) + positions + (num_classes,):
       raise ValueError(f"probability targets have shape {targets.shape}, expected "
                        f"{(n,) + positions + (num_classes,)}")
@@ -118,6 +120,25 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
   sums = gradient_sums(apply_fn, params, inputs, cot_fn, extras, reduce="square",
                        chunk_size=chunk_size, engine=engine)
   return jax.tree_util.tree_map(lambda s: s / n, sums)
+
+
+def _check_classes(targets, num_classes: int) -> None:
+  """Integer targets must be in ``[0, num_classes)``: checked where they are concrete, skipped when traced.
+
+  (``one_hot`` would turn an out-of-range class into a zero row: a finite,
+  silently wrong Fisher.) Inside an outer ``jit`` even a concrete array gives
+  traced results, so the reduction runs under ``ensure_compile_time_eval``.
+  """
+  if isinstance(targets, jax.core.Tracer):
+    return
+  with jax.ensure_compile_time_eval():
+    t = jnp.asarray(targets)
+    if t.size == 0:
+      return
+    lo, hi = int(jnp.min(t)), int(jnp.max(t))
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(f"targets must be class indices in [0, {num_classes}) (the logits' last axis), "
+                     f"got {lo if lo < 0 else hi}")
 
 
 def _as_probs(targets, num_classes):
