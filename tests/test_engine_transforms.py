@@ -137,6 +137,7 @@ def test_transform_and_custom_rule_match_per_example_loop(name, what):
   assert_close(got, reference(model, params, x, y, what), rtol=rtol)
 
 
+@pytest.mark.slow  # three engine compiles; the transform cases are in the slow matrix too
 def test_custom_rules_are_respected_not_their_bodies():
   """The numbers the issue reported: gradient x0.1 gives Fisher x0.01; STE is not zero."""
   params, x, y = _data(1)

@@ -73,7 +73,7 @@ def fisher(model, x=X, jit=False):
   return jax.block_until_ready((jax.jit(f) if jit else f)(P))
 
 
-FAST = ("roll", "capacity-limited routing")
+FAST = ("roll",)
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(MIXING)])
@@ -90,6 +90,7 @@ def test_mixing_models_are_refused_under_jit(name):
     fisher(MIXING[name], jit=True)
 
 
+@pytest.mark.slow  # two refusals with a symbolic trace each
 def test_the_message_names_the_operation():
   with pytest.raises(ValueError, match="primitive 'rev'"):
     fisher(MIXING["reverse"])
@@ -114,7 +115,8 @@ def per_example_loop(model, p, x, y):
   return jax.tree.map(lambda a: a / x.shape[0], acc)
 
 
-@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a per-example jax.grad loop reference
+@pytest.mark.parametrize("jit", [False, True])
 def test_sorted_ragged_dot_moe_is_accepted_and_right(jit):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", wj.importance.FallbackWarning)   # ragged_dot: per-leaf vjp

@@ -131,6 +131,7 @@ def test_sequence_embedding_positions_summed(masked):
       close(full[k], v)
 
 
+@pytest.mark.slow  # several probed sig calls
 def test_sequence_mask_errors():
   params = {"w": arr(5, 4), "head": arr(4, 3)}
   pooled = lambda p, x: jnp.tanh(x @ p["w"]).mean(1) @ p["head"]   # [B, T, 5] -> [B, 3]
