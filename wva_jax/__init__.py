@@ -15,6 +15,7 @@ from wva_jax.lora import (
   lora_pullback,
   lora_wva_scale,
 )
+from wva_jax.mofo import mofo, scale_by_mofo
 from wva_jax.state import set_anchor, set_importance
 from wva_jax.wva import WVAState, attenuation, wva_adam, wva_scale, wva_sgd
 
@@ -23,4 +24,4 @@ __version__ = "0.1.0"
 __all__ = ["importance", "metrics", "sharding", "wva_scale", "wva_sgd", "wva_adam", "attenuation", "WVAState",
            "ewc_penalty", "add_ewc", "implicit_ewc", "EWCState", "set_importance", "set_anchor",
            "lora_importance", "lora_ewc_penalty", "lora_ewc_grad", "add_lora_ewc", "lora_pullback",
-           "lora_wva_scale", "LoRAState"]
+           "lora_wva_scale", "LoRAState", "mofo", "scale_by_mofo"]
