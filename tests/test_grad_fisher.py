@@ -120,7 +120,7 @@ def test_accumulator_is_the_mean_over_equal_batches_and_example_weighted_otherwi
     state = update(state, f, 5)
   mean = jax.tree_util.tree_map(lambda *fs: np.mean(np.stack(fs), 0), *fishers)
   rm.assert_tree_close(acc.result(state), mean)
-  assert int(state.count) == 15
+  assert int(state.examples) == 15
   state = acc.init(params)
   for f, n in zip(fishers, (1, 2, 7)):
     state = update(state, f, n)

@@ -109,9 +109,9 @@ def _nll(probs_fn):
 
 
 class FisherAccumulatorState(NamedTuple):
-  """Running mean of per-batch Fishers: ``mean`` (in the storage dtype) over ``count`` examples."""
+  """Running mean of per-batch Fishers: ``mean`` (in the storage dtype) over ``examples`` seen."""
   mean: optax.Params
-  count: jax.Array  # int32 scalar: examples seen
+  examples: jax.Array  # int32 scalar: examples seen so far
 
 
 class FisherAccumulator(NamedTuple):
@@ -158,7 +158,7 @@ def fisher_accumulator(dtype=jnp.float32) -> FisherAccumulator:
     >>> state = acc.init({'w': jnp.zeros(2)})
     >>> state = acc.update(state, {'w': jnp.array([1.0, 2.0])}, 10)
     >>> state = acc.update(state, {'w': jnp.array([3.0, 0.0])}, 30)
-    >>> acc.result(state)['w'].tolist(), int(state.count)
+    >>> acc.result(state)['w'].tolist(), int(state.examples)
     ([2.5, 0.5], 40)
   """
   dtype = jnp.dtype(dtype)
@@ -171,7 +171,7 @@ def fisher_accumulator(dtype=jnp.float32) -> FisherAccumulator:
 
   def update(state: FisherAccumulatorState, fisher, num_examples) -> FisherAccumulatorState:
     n = jnp.asarray(num_examples, jnp.int32)
-    count = state.count + n
+    count = state.examples + n
     w = n.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)
     step = lambda m, f: (m.astype(jnp.float32) + w * (f.astype(jnp.float32) - m.astype(jnp.float32))).astype(dtype)
     return FisherAccumulatorState(jax.tree_util.tree_map(step, state.mean, fisher), count)
