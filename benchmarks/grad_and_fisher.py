@@ -1,0 +1,182 @@
+"""Cost of the Fisher inside a training step: grad_and_fisher vs jax.value_and_grad alone.
+
+    python benchmarks/grad_and_fisher.py            # writes benchmarks/results/grad_and_fisher.{json,md}
+    python benchmarks/grad_and_fisher.py --quick    # small batches, 2 repetitions, prints only
+
+For each model, on one batch (one chunk: ``chunk_size`` = the batch, as in a
+training step), four jitted programs are timed interleaved in one process
+(median of ``--reps`` runs after a warm-up run each):
+  * ``grad``:   ``jax.value_and_grad`` of the mean negative log likelihood;
+  * ``g&f``:    ``wj.importance.grad_and_fisher`` (loss, the same gradient and the
+    empirical Fisher);
+  * ``fisher``: ``wj.importance.fisher`` alone (the engine's pass: forward,
+    backward to the layer outputs, squared contractions);
+  * ``fwd``:    the forward pass and the loss, no gradient.
+The ratio ``g&f / grad`` is the headline. ``g&f - fisher`` is what the plain
+gradient adds to the engine's pass (``X^T D`` per dense layer, the sum of the
+per-example gradients elsewhere); ``fisher / grad`` shows how much of the
+ratio the engine's own pass already costs. Models and timing helpers come
+from ``benchmarks/importance.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import wva_jax as wj
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import importance as bench  # noqa: E402  (benchmarks/importance.py: models, compile_fn, timed)
+
+zoo = bench.zoo
+# The zoo's transformers at the importance benchmark's width and depth, with a
+# training-sized batch of 16 (BENCH has 64: four times the time, same ratios).
+LM_SIZE = dataclasses.replace(zoo.BENCH, batch=16)
+LM = f"{LM_SIZE.layers}x{LM_SIZE.d} seq{LM_SIZE.seq} vocab{LM_SIZE.vocab}"
+
+# name: (builder, N)
+MODELS = {
+    "mlp 784-300-150-10": (bench.mlp_model, 1024),
+    "cnn conv32-conv64-dense": (bench.cnn_model, 256),
+    f"nnx transformer, tied ({LM})": (bench.zoo_model(zoo.nnx_transformer, LM_SIZE), 16),
+    f"nnx.scan(nnx.remat) twin, tied ({LM})": (bench.zoo_model(zoo.nnx_scan_transformer, LM_SIZE), 16),
+    f"linen nn.scan(nn.remat) LM, tied ({LM})": (bench.zoo_model(zoo.linen_scan_lm, LM_SIZE), 16),
+    f"HF FlaxGPT2LMHeadModel ({LM})": (bench.zoo_model(zoo.hf_gpt2, LM_SIZE), 16),
+    f"HF FlaxLlamaForCausalLM ({LM})": (bench.zoo_model(zoo.hf_llama, LM_SIZE), 16),
+    f"HF FlaxGemmaForCausalLM ({LM})": (bench.zoo_model(zoo.hf_gemma, LM_SIZE), 16),
+    f"HF FlaxBertForMaskedLM ({LM})": (bench.zoo_model(zoo.hf_bert_mlm, LM_SIZE), 16),
+    f"equinox MultiheadAttention LM ({LM})": (bench.zoo_model(zoo.eqx_attention_lm, LM_SIZE), 16),
+    f"haiku layer_stack LM ({LM})": (bench.zoo_model(zoo.haiku_layer_stack, LM_SIZE), 16),
+}
+
+
+def nll(apply_fn):
+  def loss(p, x, y):
+    logp = jax.nn.log_softmax(apply_fn(p, x).astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, y[..., None], -1).reshape(y.shape[0], -1).sum(-1).mean()
+  return loss
+
+
+def programs(apply_fn, n):
+  loss = nll(apply_fn)
+  return {
+      "grad": jax.value_and_grad(loss),
+      "g&f": lambda p, x, y: wj.importance.grad_and_fisher(apply_fn, p, x, y, chunk_size=n),
+      "fisher": lambda p, x, y: wj.importance.fisher(apply_fn, p, x, y, chunk_size=n),
+      "fwd": loss,
+  }
+
+
+def check(out, ref):
+  """g&f's loss and gradient against value_and_grad's (largest relative error over leaves)."""
+  (loss, grads, _), (ref_loss, ref_grads) = out, ref
+  scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree_util.tree_leaves(ref_grads))
+  err = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+            for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads))) / scale
+  return abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)), err
+
+
+def run(quick, reps, only=()):
+  rows = []
+  rng = np.random.default_rng(0)
+  for name, (build, n) in MODELS.items():
+    if only and not any(o in name for o in only):
+      continue
+    if quick:
+      n = max(n // 4, 4)
+    apply_fn, params, x, y = build(n, rng)
+    print(f"\n{name}: N={n}", flush=True)
+    compiled = {k: bench.compile_fn(f, params, x, y)[0] for k, f in programs(apply_fn, n).items()}
+    loss_err, grad_err = check(compiled["g&f"](params, x, y), compiled["grad"](params, x, y))
+    times = {k: [] for k in compiled}
+    for c in compiled.values():
+      bench.timed(c, params, x, y)
+    for _ in range(reps):
+      for k, c in compiled.items():
+        times[k].append(bench.timed(c, params, x, y))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"model": name, "N": n, "reps": reps, **{f"{k}_s": v for k, v in med.items()},
+           "ratio": med["g&f"] / med["grad"], "fisher_x": med["fisher"] / med["grad"],
+           "extra_s": med["g&f"] - med["fisher"], "loss_rel_err": loss_err, "grad_rel_err": grad_err}
+    rows.append(row)
+    print(fmt_row(row), flush=True)
+  return rows
+
+
+HEADER = ("| model | N | grad (s) | g&f (s) | **g&f / grad** | fisher alone (s) | fisher / grad "
+          "| (g&f - fisher) / grad | fwd (s) | grad err |")
+
+
+def fmt_row(r):
+  return (f"| {r['model']} | {r['N']} | {r['grad_s']:.3f} | {r['g&f_s']:.3f} | **{r['ratio']:.2f}x** "
+          f"| {r['fisher_s']:.3f} | {r['fisher_x']:.2f}x | {r['extra_s'] / r['grad_s']:+.2f}x | {r['fwd_s']:.3f} "
+          f"| {r['grad_rel_err']:.0e} |")
+
+
+NOTES = """
+Notes
+- `grad`: `jax.jit(jax.value_and_grad(loss))`, loss = mean over examples of the
+  summed negative log likelihood; `g&f`: `grad_and_fisher` with `chunk_size`
+  = N (the whole batch in one chunk, as in a training step); `fisher`: the
+  empirical `fisher()` alone, same chunk; `fwd`: the loss alone. `grad err`:
+  largest |g&f gradient - value_and_grad gradient| over all entries, relative
+  to the largest gradient entry.
+- The ratio splits as `g&f / grad = fisher / grad + (g&f - fisher) / grad`:
+  the engine's own pass (forward, backward to the layers' outputs, the
+  squared contractions) and what the plain gradient adds to it (one `X^T D`
+  per dense layer next to `(X^2)^T (D^2)`, about one more weight gradient;
+  elsewhere the sum of per-example gradients the Fisher forms anyway).
+  Where `fisher / grad` is itself above 1.2x, the engine's pass is the
+  bound: see `importance.md`.
+- The CPU was shared with other jobs (load average above): ratios come from
+  interleaved runs but are noisy.
+"""
+
+
+def write_md(path, env, rows):
+  table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
+  with open(path, "w") as f:
+    f.write("# Fisher inside the training step: grad_and_fisher vs jax.value_and_grad\n\n")
+    f.write(f"`{env['command']}` on {env['cpu_count']} CPU cores ({env['backend']}, jax {env['jax']}); "
+            f"median of {rows[0]['reps']} interleaved runs after warm-up, jitted, same batch. "
+            f"Load average (1/5/15 min) before {bench.fmt_load(env['loadavg_1_5_15_before'])}, "
+            f"after {bench.fmt_load(env['loadavg_1_5_15_after'])}. Target: g&f / grad <= 1.2x.\n\n")
+    f.write(table + "\n")
+    f.write(NOTES)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--only", nargs="*", default=(), help="substrings of model names")
+  args = ap.parse_args()
+  reps = 2 if args.quick else args.reps
+  load_before = os.getloadavg()
+  rows = run(args.quick, reps, args.only)
+  load_after = os.getloadavg()
+  print("\n" + "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows]))
+  if args.quick or args.only:
+    return
+  env = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+         "platform": platform.platform(),
+         "command": " ".join(["python benchmarks/grad_and_fisher.py"] + sys.argv[1:]),
+         "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": load_after}
+  out = os.path.join(HERE, "results")
+  with open(os.path.join(out, "grad_and_fisher.json"), "w") as f:
+    json.dump({"env": env, "rows": rows}, f, indent=1)
+  write_md(os.path.join(out, "grad_and_fisher.md"), env, rows)
+
+
+if __name__ == "__main__":
+  main()
