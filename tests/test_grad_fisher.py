@@ -229,3 +229,47 @@ def test_fisher_reversed_needs_targets():
   params = rm.init_mlp(jax.random.key(0))
   with pytest.raises(ValueError, match="reversed"):
     wj.importance.fisher(rm.mlp, params, jnp.ones((N, 6)), mode="reversed")
+
+
+# --- the loss as a custom_vjp, for trainers that differentiate the loss themselves ------
+
+def test_loss_and_fisher_gradient_is_grad_and_fishers():
+  params = rm.init_seq(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (N, 5, 4))
+  y = jax.random.randint(jax.random.key(2), (N, 5), 0, 3)
+  mask = (jnp.arange(5)[None] < jnp.array([5, 3, 1, 4, 5, 2, 5])[:, None]).astype(jnp.float32)
+  f = lambda p: wj.importance.loss_and_fisher(rm.seq, p, x, y, mask=mask)
+  (loss, F), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  ref_loss, ref_grads = jax.value_and_grad(nll_mean(rm.seq, mask))(params, x, y)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  rm.assert_tree_close(grads, ref_grads)
+  rm.assert_tree_close(F, rm.fisher_empirical_ref(rm.seq, params, x, y, mask))
+  g2 = jax.grad(lambda p: 3.0 * f(p)[0])(params)   # the incoming cotangent scales the gradient
+  rm.assert_tree_close(g2, jax.tree_util.tree_map(lambda g: 3 * g, ref_grads))
+
+
+def test_loss_and_fisher_under_nnx_value_and_grad():
+  """The pattern of tunix's PeftTrainer: nnx.value_and_grad of loss_fn(model, ...) with has_aux."""
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1, self.l2 = nnx.Linear(6, 5, rngs=rngs), nnx.Linear(5, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  model = MLP(nnx.Rngs(0))
+  x, y = jax.random.normal(jax.random.key(1), (N, 6)), jnp.arange(N) % 4
+
+  def loss_fn(model, x, y):
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    return wj.importance.loss_and_fisher(lambda q, xb: nnx.merge(graphdef, q, rest)(xb), p, x, y)
+
+  (loss, F), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model, x, y)
+  ref_loss, ref_grads = nnx.value_and_grad(lambda m: nll_mean(lambda _, xb: m(xb))(None, x, y))(model)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  rm.assert_tree_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
+  graphdef, p = nnx.split(model, nnx.Param)
+  ref_F = rm.fisher_empirical_ref(lambda q, xb: nnx.merge(graphdef, q)(xb), p, x, y)
+  rm.assert_tree_close(nnx.to_pure_dict(F), nnx.to_pure_dict(ref_F))

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from wva_jax.importance._engine import check_model, gradient_sums
@@ -95,6 +96,68 @@ def grad_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None,
   return nll / n, grads, jax.tree_util.tree_map(lambda s: s / n, sums)
 
 
+def loss_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None, chunk_size: int | None = None):
+  r"""``(loss, fisher)`` of :func:`grad_and_fisher`, differentiable in ``params`` at no extra pass.
+
+  A ``jax.custom_vjp``: the forward runs :func:`grad_and_fisher` and keeps
+  its ``grads``; ``jax.grad`` / ``jax.value_and_grad(..., has_aux=True)`` (and
+  ``nnx.value_and_grad``) of ``loss`` then return them instead of
+  differentiating the engine. ``fisher`` is treated as a constant (its
+  cotangent is ignored). This is how a trainer that differentiates the loss
+  function itself gets the Fisher from its own step: in tunix's
+  ``PeftTrainer``, a loss function ``loss_fn(model, ...)`` that splits the
+  model (``graphdef, p, rest = nnx.split(model, nnx.Param, ...)``; with LoRA,
+  ``nnx.LoRAParam``) and returns ``loss_and_fisher(lambda p, x:
+  nnx.merge(graphdef, p, rest)(x), p, ...)``, set with
+  ``trainer.with_loss_fn(loss_fn, has_aux=True)``: the trainer's gradient is
+  this pass's, and its aux (the Fisher) goes to a :func:`fisher_accumulator`.
+
+  Args:
+    apply_fn, params, inputs, targets, mask, chunk_size: as for
+      :func:`grad_and_fisher`.
+
+  Returns:
+    ``(loss, fisher)``: a float32 scalar and a float32 pytree like ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, wva_jax as wj
+    >>> params = {'w': jnp.ones((3, 4)) * 0.1, 'b': jnp.zeros(4)}
+    >>> apply_fn = lambda p, x: x @ p['w'] + p['b']
+    >>> x, y = jnp.ones((8, 3)), jnp.arange(8) % 4
+    >>> f = lambda p: wj.importance.loss_and_fisher(apply_fn, p, x, y)
+    >>> (loss, F), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    >>> grads['b'].shape, F['b'].shape
+    ((4,), (4,))
+  """
+
+  def run(p, x, y, m):
+    return grad_and_fisher(apply_fn, p, x, y, mask=m, chunk_size=chunk_size)
+
+  @jax.custom_vjp
+  def f(p, x, y, m):
+    loss, _, fisher = run(p, x, y, m)
+    return loss, fisher
+
+  def fwd(p, x, y, m):
+    loss, grads, fisher = run(p, x, y, m)
+    return (loss, fisher), (grads, x, y, m)
+
+  def bwd(res, ct):
+    grads, x, y, m = res
+    scaled = jax.tree_util.tree_map(lambda g: (ct[0] * g).astype(g.dtype), grads)
+    return (scaled,) + tuple(jax.tree_util.tree_map(_zero_cotangent, a) for a in (x, y, m))
+
+  f.defvjp(fwd, bwd)
+  return f(params, inputs, targets, mask)
+
+
+def _zero_cotangent(a):
+  a = jnp.asarray(a)
+  if jnp.issubdtype(a.dtype, jnp.inexact):
+    return jnp.zeros_like(a)
+  return np.zeros(a.shape, jax.dtypes.float0)
+
+
 def _nll(probs_fn):
   """Per-example ``-sum_t m_t sum_c q_tc log softmax(z_t)_c``."""
 
@@ -141,10 +204,9 @@ def fisher_accumulator(dtype=jnp.float32) -> FisherAccumulator:
   count. ``update`` is jittable, returns new buffers (the state can be
   donated with ``jax.jit(..., donate_argnums=...)``) and never retraces.
 
-  In tunix's ``PeftTrainer``: return the Fisher as the loss function's aux
-  (``trainer.with_loss_fn(loss_fn, has_aux=True)``) and update a state held
-  outside; the trainer differentiates the loss itself, so there the Fisher
-  costs :func:`fisher`'s pass, not the one-pass saving of a custom step.
+  In a trainer that differentiates the loss function itself (tunix's
+  ``PeftTrainer``), return :func:`loss_and_fisher` from the loss function
+  with ``has_aux=True`` and update the state with the aux it hands back.
 
   Args:
     dtype: storage dtype of the mean (float32 or bfloat16, say).
