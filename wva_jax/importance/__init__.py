@@ -16,6 +16,6 @@ from wva_jax.importance.mas import mas
 from wva_jax.importance.si import PathIntegralState, path_integral, restart_path, si
 from wva_jax.importance.sig import sig
 
-__all__ = ["fisher", "grad_and_fisher", "loss_and_fisher", "fisher_accumulator", "FisherAccumulator", "FisherAccumulatorState",
-           "mas", "sig", "path_integral", "si", "restart_path", "PathIntegralState",
+__all__ = ["fisher", "grad_and_fisher", "loss_and_fisher", "fisher_accumulator", "FisherAccumulator",
+           "FisherAccumulatorState", "mas", "sig", "path_integral", "si", "restart_path", "PathIntegralState",
            "accumulate", "decay", "normalize", "engine_report", "FallbackWarning"]
