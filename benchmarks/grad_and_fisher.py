@@ -2,6 +2,7 @@
 
     python benchmarks/grad_and_fisher.py            # writes benchmarks/results/grad_and_fisher.{json,md}
     python benchmarks/grad_and_fisher.py --quick    # small batches, 2 repetitions, prints only
+    python benchmarks/grad_and_fisher.py --only mlp # rerun matching rows, replace them in the results
 
 For each model, on one batch (one chunk: ``chunk_size`` = the batch, as in a
 training step), four jitted programs are timed interleaved in one process
@@ -44,7 +45,8 @@ zoo = bench.zoo
 LM_SIZE = dataclasses.replace(zoo.BENCH, batch=16)
 LM = f"{LM_SIZE.layers}x{LM_SIZE.d} seq{LM_SIZE.seq} vocab{LM_SIZE.vocab}"
 
-# name: (builder, N)
+# name: (builder, N); the small models get 3x the repetitions (they are cheap and noisier)
+SMALL = ("mlp", "cnn")
 MODELS = {
     "mlp 784-300-150-10": (bench.mlp_model, 1024),
     "cnn conv32-conv64-dense": (bench.cnn_model, 256),
@@ -101,11 +103,13 @@ def run(quick, reps, only=()):
     times = {k: [] for k in compiled}
     for c in compiled.values():
       bench.timed(c, params, x, y)
-    for _ in range(reps):
+    model_reps = 3 * reps if name.split()[0] in SMALL else reps
+    for _ in range(model_reps):
       for k, c in compiled.items():
         times[k].append(bench.timed(c, params, x, y))
     med = {k: statistics.median(v) for k, v in times.items()}
-    row = {"model": name, "N": n, "reps": reps, **{f"{k}_s": v for k, v in med.items()},
+    row = {"model": name, "N": n, "reps": model_reps, "load_1min": os.getloadavg()[0],
+           **{f"{k}_s": v for k, v in med.items()},
            "ratio": med["g&f"] / med["grad"], "fisher_x": med["fisher"] / med["grad"],
            "extra_s": med["g&f"] - med["fisher"], "loss_rel_err": loss_err, "grad_rel_err": grad_err}
     rows.append(row)
@@ -114,13 +118,13 @@ def run(quick, reps, only=()):
 
 
 HEADER = ("| model | N | grad (s) | g&f (s) | **g&f / grad** | fisher alone (s) | fisher / grad "
-          "| (g&f - fisher) / grad | fwd (s) | grad err |")
+          "| (g&f - fisher) / grad | fwd (s) | grad err | reps | load |")
 
 
 def fmt_row(r):
   return (f"| {r['model']} | {r['N']} | {r['grad_s']:.3f} | {r['g&f_s']:.3f} | **{r['ratio']:.2f}x** "
           f"| {r['fisher_s']:.3f} | {r['fisher_x']:.2f}x | {r['extra_s'] / r['grad_s']:+.2f}x | {r['fwd_s']:.3f} "
-          f"| {r['grad_rel_err']:.0e} |")
+          f"| {r['grad_rel_err']:.0e} | {r['reps']} | {bench.fmt(r.get('load_1min'), '.1f')} |")
 
 
 NOTES = """
@@ -133,23 +137,40 @@ Notes
   to the largest gradient entry.
 - The ratio splits as `g&f / grad = fisher / grad + (g&f - fisher) / grad`:
   the engine's own pass (forward, backward to the layers' outputs, the
-  squared contractions) and what the plain gradient adds to it (one `X^T D`
-  per dense layer next to `(X^2)^T (D^2)`, about one more weight gradient;
-  elsewhere the sum of per-example gradients the Fisher forms anyway).
-  Where `fisher / grad` is itself above 1.2x, the engine's pass is the
-  bound: see `importance.md`.
-- The CPU was shared with other jobs (load average above): ratios come from
-  interleaved runs but are noisy.
+  squared contractions) and what the plain gradient adds to it.
+- MLP (above 1.2x): bound by the plain gradient's contractions, `(g&f -
+  fisher) / grad` +0.65x. Its step is almost all weight-sized GEMMs (the
+  first layer, 784x300, needs no input gradient), and `g&f` runs one more
+  set of them: the compiled `g&f` has exactly three more `dot`s than
+  `value_and_grad` (784x300, 300x150, 150x10, each contracting over the
+  1024 examples: `X^T D` beside `(X^2)^T (D^2)`; the engine's pass itself
+  computes no `X^T D`). A GEMM cannot give both sums, so on this model the
+  floor is about one weight gradient more than a plain step.
+- CNN, the scanned transformers, equinox and haiku (1.2-1.3x): bound by the
+  engine's own pass (`fisher / grad` 1.19-1.32x, `(g&f - fisher) / grad`
+  -0.04x to +0.05x): their leaves' per-example gradients (conv kernels from
+  input patches; every weight used at every position) are formed one
+  example at a time on CPU, and the plain gradient is their running sum,
+  nearly free. See `importance.md` for that pass.
+- The CPU was shared with other jobs (`load` column, 1-minute load average
+  on 2 cores): the runs are interleaved, but ratios move by 0.1-0.3x between
+  runs of the same row at this load.
 """
 
 
 def write_md(path, env, rows):
-  table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
+  # the full run first, then reruns of some rows (--only)
+  commands = sorted(dict.fromkeys(r.get("command", env["command"]) for r in rows), key=lambda c: "--only" in c)
+  loads = {r.get("command", env["command"]): r["run_load"] for r in rows if "run_load" in r}
+  lines = [fmt_row(r) + f" {commands.index(r.get('command', env['command'])) + 1} |" for r in rows]
+  table = "\n".join([HEADER + " run |", "|" + "---|" * 13] + lines)
+  runs = "; ".join(f"run {i + 1}: `{c}`" + (f" ({loads[c]})" if c in loads else "") for i, c in enumerate(commands))
   with open(path, "w") as f:
     f.write("# Fisher inside the training step: grad_and_fisher vs jax.value_and_grad\n\n")
-    f.write(f"`{env['command']}` on {env['cpu_count']} CPU cores ({env['backend']}, jax {env['jax']}); "
-            f"median of {rows[0]['reps']} interleaved runs after warm-up, jitted, same batch. "
-            f"Load average (1/5/15 min) before {bench.fmt_load(env['loadavg_1_5_15_before'])}, "
+    f.write(f"{runs}. On {env['cpu_count']} CPU cores ({env['backend']}, jax {env['jax']}); "
+            "median of `reps` interleaved runs after warm-up, jitted, same batch. "
+            "`load`: the 1-minute load average after each row, where recorded (other jobs shared the CPU). "
+            f"Load average (1/5/15 min) of the last run: before {bench.fmt_load(env['loadavg_1_5_15_before'])}, "
             f"after {bench.fmt_load(env['loadavg_1_5_15_after'])}. Target: g&f / grad <= 1.2x.\n\n")
     f.write(table + "\n")
     f.write(NOTES)
@@ -160,20 +181,37 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--only", nargs="*", default=(), help="substrings of model names")
+  ap.add_argument("--md-only", action="store_true", help="rewrite the .md from the committed .json")
   args = ap.parse_args()
+  if args.md_only:
+    with open(os.path.join(HERE, "results", "grad_and_fisher.json")) as f:
+      saved = json.load(f)
+    write_md(os.path.join(HERE, "results", "grad_and_fisher.md"), saved["env"], saved["rows"])
+    return
   reps = 2 if args.quick else args.reps
   load_before = os.getloadavg()
   rows = run(args.quick, reps, args.only)
   load_after = os.getloadavg()
-  print("\n" + "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows]))
-  if args.quick or args.only:
+  print("\n" + "\n".join([HEADER, "|" + "---|" * 12] + [fmt_row(r) for r in rows]))
+  if args.quick:
     return
+  out = os.path.join(HERE, "results")
+  path = os.path.join(out, "grad_and_fisher.json")
+  command = " ".join(["python benchmarks/grad_and_fisher.py"] + sys.argv[1:])
+  for r in rows:
+    r["command"] = command
+  if args.only:  # replace those rows in the committed results, keep the others
+    with open(path) as f:
+      saved = json.load(f)
+    for r in saved["rows"]:
+      r.setdefault("command", saved["env"]["command"])
+    fresh = {r["model"]: r for r in rows}
+    rows = [fresh.pop(r["model"], r) for r in saved["rows"]] + list(fresh.values())
   env = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
          "platform": platform.platform(),
-         "command": " ".join(["python benchmarks/grad_and_fisher.py"] + sys.argv[1:]),
+         "command": command,
          "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": load_after}
-  out = os.path.join(HERE, "results")
-  with open(os.path.join(out, "grad_and_fisher.json"), "w") as f:
+  with open(path, "w") as f:
     json.dump({"env": env, "rows": rows}, f, indent=1)
   write_md(os.path.join(out, "grad_and_fisher.md"), env, rows)
 
