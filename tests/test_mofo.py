@@ -108,3 +108,19 @@ def test_mofo_bf16_params_jit():
 def test_mofo_rejects_bad_hyperparameters_by_name(kwargs, name):
   with pytest.raises(ValueError, match=name):
     wj.mofo(0.1, **kwargs)
+
+
+def test_mofo_traced_fraction_equals_concrete():
+  p0 = params0()
+  g = grads_at(0, p0)
+
+  def step(fraction):
+    tx = wj.mofo(0.05, fraction=fraction)
+    return tx.update(g, tx.init(p0), p0)[0]
+
+  traced = jax.jit(jax.vmap(step))(jnp.array([0.1, 0.5]))
+  for i, f in enumerate((0.1, 0.5)):
+    concrete = step(f)
+    for k in concrete:   # the same coordinates move, by the same step (to float rounding under vmap)
+      np.testing.assert_array_equal(np.asarray(traced[k][i]) != 0, np.asarray(concrete[k]) != 0)
+      np.testing.assert_allclose(np.asarray(traced[k][i]), np.asarray(concrete[k]), rtol=1e-6)

@@ -13,15 +13,15 @@ from wva_jax._checks import check_scalar_or_schedule, concrete_scalar
 DEFAULT_FRACTION = 0.15
 
 
-def _check_unit(value: Any, name: str, *, closed_low: bool) -> float:
+def _check_unit(value: Any, name: str, *, closed_low: bool) -> None:
+  """In (0, 1] (fraction) or [0, 1) (b1, b2), checked when concrete; a traced value passes."""
   v = concrete_scalar(value, name)
   if v is None:
-    raise ValueError(f"{name} must be a concrete number (it sets array sizes), got a traced value")
+    return
   ok = (0 <= v if closed_low else 0 < v) and (v <= 1 if name == "fraction" else v < 1)
   if not (math.isfinite(v) and ok):
     bounds = "(0, 1]" if name == "fraction" else "[0, 1)"
     raise ValueError(f"{name} must be in {bounds}, got {v!r}")
-  return v
 
 
 def momentum_filter(momentum, updates, fraction: float, *, min_ndim: int = 2):
@@ -33,12 +33,18 @@ def momentum_filter(momentum, updates, fraction: float, *, min_ndim: int = 2):
   through whole.
   """
 
+  concrete = concrete_scalar(fraction, "fraction") is not None
+
   def one(m, u):
     if jnp.ndim(m) < min_ndim or jnp.size(m) == 0:
       return u
-    k = max(1, int(jnp.size(m) * fraction))
     a = jnp.abs(m.astype(jnp.float32))
-    threshold = jax.lax.top_k(a.reshape(-1), k)[0][-1]
+    if concrete:
+      k = max(1, int(jnp.size(m) * float(fraction)))
+      threshold = jax.lax.top_k(a.reshape(-1), k)[0][-1]
+    else:  # a traced fraction (one program for a grid of fractions): a sort and a dynamic index
+      k = jnp.maximum(1, jnp.floor(jnp.size(m) * fraction).astype(jnp.int32))
+      threshold = jnp.sort(a.reshape(-1))[jnp.size(m) - k]
     return jnp.where(a >= threshold, u, jnp.zeros_like(u))
 
   return jax.tree_util.tree_map(one, momentum, updates)
@@ -63,9 +69,11 @@ def scale_by_mofo(fraction: float = DEFAULT_FRACTION, b1: float = 0.9, b2: float
   them). Chain a learning rate after it (or use :func:`mofo`).
 
   Args:
-    fraction: share of each block's coordinates updated per step, in (0, 1].
-      Default 0.15: the value in the authors' scripts and README example
-      (they recommend 0.05-0.2; their code's argument default is 0.03).
+    fraction: share of each block's coordinates updated per step, in (0, 1];
+      may be traced (a grid of fractions in one ``vmap``ped program: the
+      threshold then comes from a sort instead of ``top_k``). Default 0.15:
+      the value in the authors' scripts and README example (they recommend
+      0.05-0.2; their code's argument default is 0.03).
     b1, b2, eps: Adam's.
     min_ndim: leaves with fewer dimensions are updated whole (0: filter all).
     mu_dtype: dtype of the first moment (``None``: the gradient's), as in
@@ -87,7 +95,7 @@ def scale_by_mofo(fraction: float = DEFAULT_FRACTION, b1: float = 0.9, b2: float
     Forgetting in LLM Fine-Tuning", TMLR 2025 (arXiv:2407.20999;
     code: github.com/YChen-zzz/MoFO).
   """
-  fraction = _check_unit(fraction, "fraction", closed_low=False)
+  _check_unit(fraction, "fraction", closed_low=False)
   _check_unit(b1, "b1", closed_low=True)
   _check_unit(b2, "b2", closed_low=True)
   if concrete_scalar(eps, "eps") is not None and not float(eps) >= 0:
