@@ -88,7 +88,11 @@ def _value_stats(leaf: Any) -> tuple[int, int, int, np.float32]:
   model's tree only to check it would copy all of it.
   """
   if isinstance(leaf, jax.Array):
-    nan, inf, neg, lo = _device_stats(leaf)
+    # Inside an outer jit trace (a closed-over concrete importance) every jax op is
+    # staged into that trace and int() of its result fails; compile-time evaluation
+    # runs the reduction now, on the concrete array.
+    with jax.ensure_compile_time_eval():
+      nan, inf, neg, lo = _device_stats(leaf)
     return int(nan), int(inf), int(neg), np.float32(lo)
   arr = np.asarray(leaf, dtype=np.float32)
   return (int(np.isnan(arr).sum()), int(np.isinf(arr).sum()), int((arr < 0).sum()),

@@ -343,6 +343,73 @@ def hf_resnet(s: Size = TINY):
               variables["params"], x, y)
 
 
+def hf_vit(s: Size = TINY):
+  """transformers' FlaxViTForImageClassification: a cls token concatenated to the patches."""
+  from transformers import FlaxViTForImageClassification, ViTConfig
+  cfg = ViTConfig(image_size=s.image, patch_size=s.image // 2, num_channels=3, hidden_size=s.d,
+                  num_hidden_layers=s.layers, num_attention_heads=s.heads, intermediate_size=2 * s.d,
+                  num_labels=5)
+  model = FlaxViTForImageClassification(cfg, input_shape=(1, s.image, s.image, 3), seed=0)
+  x, y = _images(s)
+  x = jnp.transpose(x, (0, 3, 1, 2))  # pixel_values are NCHW
+  apply_fn = lambda p, px: model(px, params=p).logits
+  return Case("transformers FlaxViTForImageClassification (cls token)", apply_fn, model.params, x, y)
+
+
+def linen_weightnorm_cnn(s: Size = TINY):
+  """flax.linen.WeightNorm around Conv and Dense: kernels computed as g * v / ||v||."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jax.nn.relu(nn.WeightNorm(nn.Conv(s.channels, (3, 3)))(x))
+      h = jax.nn.relu(nn.WeightNorm(nn.Conv(s.channels, (3, 3), strides=(2, 2)))(h))
+      return nn.WeightNorm(nn.Dense(5))(h.reshape(h.shape[0], -1))
+
+  x, y = _images(s)
+  net = Net()
+  params = net.init(jax.random.key(0), x[:1])
+  return Case("flax.linen WeightNorm(Conv) CNN", net.apply, params, x, y)
+
+
+def linen_lstm(s: Size = TINY):
+  """flax.linen.RNN(LSTMCell) over time (a scan whose body closes over the cell's weights)."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+      h = nn.Embed(s.vocab, s.d)(tok)
+      h = nn.RNN(nn.LSTMCell(s.d))(h)
+      return nn.Dense(s.vocab)(h)
+
+  tok, y, mask = _tokens(s)
+  net = Net()
+  params = net.init(jax.random.key(0), tok[:1])
+  # sig's mask weights signals by position; here time is the scan's loop axis
+  return Case("flax.linen RNN(LSTMCell) LM", net.apply, params, tok, y, mask, scanned=True, sig_mask=False)
+
+
+def linen_gru(s: Size = TINY):
+  """flax.linen.RNN(GRUCell) over time, two layers."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+      h = nn.Embed(s.vocab, s.d)(tok)
+      for _ in range(s.layers):
+        h = nn.RNN(nn.GRUCell(s.d))(h)
+      return nn.Dense(s.vocab)(h)
+
+  tok, y, mask = _tokens(s)
+  net = Net()
+  params = net.init(jax.random.key(0), tok[:1])
+  # sig's mask weights signals by position; here time is the scan's loop axis
+  return Case("flax.linen RNN(GRUCell) LM", net.apply, params, tok, y, mask, scanned=True, sig_mask=False)
+
+
 # --- equinox and haiku ----------------------------------------------------------------
 
 def eqx_mlp(s: Size = TINY):
@@ -410,4 +477,4 @@ def haiku_layer_stack(s: Size = TINY):
 
 ALL = [nnx_mlp, nnx_cnn_batchnorm, nnx_conv_variants, nnx_causal_conv_lm, nnx_transformer,
        nnx_scan_transformer, linen_scan_lm, hf_gpt2, hf_llama, hf_gemma, hf_bert_mlm, hf_resnet,
-       eqx_mlp, eqx_attention_lm, haiku_layer_stack]
+       eqx_mlp, eqx_attention_lm, haiku_layer_stack, hf_vit, linen_weightnorm_cnn, linen_lstm, linen_gru]

@@ -2,8 +2,9 @@
 
 Every model comes from an installed package (``tests/zoo/models.py``). For
 each: no parameter leaf leaves the fast path; empirical and sampled Fisher
-and MAS equal the ``engine='vmap'`` reference (per-example ``vjp``, the
-model differentiated by JAX itself) within 1e-5 relative; SIG runs and is
+(same per-example keys) and MAS equal the ``engine='vmap'`` reference
+(per-example ``vjp``, the model differentiated by JAX itself) element-wise
+(rtol 1e-4) and within 1e-5 of each leaf's largest entry; SIG runs and is
 finite, non-negative and non-zero. Sequence models carry a padding mask.
 """
 import warnings
@@ -11,6 +12,7 @@ import warnings
 import jax
 import numpy as np
 import pytest
+from compare import assert_tree_close
 from compare import leaf_rel_err as rel_err
 
 import wva_jax as wj
@@ -28,9 +30,9 @@ def _estimators(case, engine):
         "fisher": imp.fisher(case.apply_fn, p, x, y, mask=m, engine=engine, chunk_size=4),
         "mas": imp.mas(case.apply_fn, p, x, mask=m, engine=engine, chunk_size=4),
     }
-    if engine == "factored":  # the engine's work is the empirical Fisher's: run it, not twice
-      out["sampled"] = imp.fisher(case.apply_fn, p, x, mode="sampled", key=key, mask=m,
-                                  engine=engine, chunk_size=4)
+    # same per-example keys on both engines: the same draws, so the same numbers
+    out["sampled"] = imp.fisher(case.apply_fn, p, x, mode="sampled", key=key, mask=m,
+                                engine=engine, chunk_size=4)
     return out
 
   return jax.jit(run)(case.params, case.inputs, case.targets, case.mask)
@@ -48,9 +50,8 @@ def test_zoo_model_fast_path_matches_reference(build):
     fast = _estimators(case, "factored")
   ref = _estimators(case, "vmap")
   for name in ref:
-    err = rel_err(fast[name], ref[name])
-    assert err <= 1e-5, (name, err)
-  assert all(np.all(np.isfinite(l)) for l in jax.tree_util.tree_leaves(fast["sampled"]))
+    assert_tree_close(fast[name], ref[name], rtol=1e-4)   # element-wise, every entry
+    assert rel_err(fast[name], ref[name]) <= 1e-5, name
   sig_mask = case.mask if case.sig_mask else None
   s = jax.jit(lambda p, x, m: wj.importance.sig(case.apply_fn, p, x, mask=m, chunk_size=4))(
       case.params, case.inputs, sig_mask)

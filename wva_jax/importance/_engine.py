@@ -36,12 +36,14 @@ to each factored op's output and the summed cotangent is pulled back to
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from wva_jax.importance import _jaxpr
+from wva_jax.importance import _independence, _jaxpr, _transforms
 from wva_jax.importance._per_example import (
   DEFAULT_CHUNK_SIZE,
   chunked,
@@ -104,11 +106,33 @@ def _classify(plan, leaves) -> list[str]:
   return out
 
 
-def _plan(apply_fn, params, inputs):
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """How the engine runs a model: its plan, the leaves it sees, each leaf's path.
+
+  With parameter transforms (``_transforms``) the plan is the split model
+  ``G``'s, whose leaves are the model's followed by the transforms' outputs.
+  """
+  plan: Any
+  kinds: list  # per leaf of the plan (G's leaves with a split)
+  split: Any  # _transforms.Split or None
+  report: list  # per leaf of the model
+
+
+def _plan(apply_fn, params, inputs) -> Route:
   leaves = jax.tree_util.tree_leaves(params)
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
   plan = _jaxpr.trace(apply_fn, params, example)
-  return plan, leaves, _classify(plan, leaves)
+  kinds = _classify(plan, leaves)
+  split = _transforms.split(plan)
+  if split is None:
+    return Route(plan, kinds, None, kinds)
+  structs = [jax.ShapeDtypeStruct(jnp.shape(l), jnp.result_type(l)) for l in leaves] + list(split.frontier)
+  g_plan = _jaxpr.trace(lambda ls, x: split.model(ls, jax.tree_util.tree_leaves(x)), structs, example)
+  g_kinds = _classify(g_plan, structs)
+  report = [f"transform ({split.reasons[i]})" if i in split.reasons and not g_kinds[i].startswith("fallback")
+            else g_kinds[i] for i in range(len(leaves))]
+  return Route(g_plan, g_kinds, split, report)
 
 
 def engine_report(apply_fn, params, inputs) -> dict[str, str]:
@@ -137,15 +161,14 @@ def engine_report(apply_fn, params, inputs) -> dict[str, str]:
     {'b': 'bias', 'w': 'dense'}
   """
   num_examples(inputs)
-  plan, _, kinds = _plan(apply_fn, params, inputs)
-  return dict(zip(_jaxpr.leaf_paths(params), kinds))
+  return dict(zip(_jaxpr.leaf_paths(params), _plan(apply_fn, params, inputs).report))
 
 
 def check_model(apply_fn, params, inputs, what: str = "outputs"):
   """One array of outputs, per example: the contract every estimator relies on."""
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
   out = _jaxpr.check_output(apply_fn, params, example, what)
-  _jaxpr.check_per_example(apply_fn, params, example)
+  _independence.check(apply_fn, params, inputs)
   return out
 
 
@@ -190,17 +213,32 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
   # the reductions formed in one pass: R, and the identity for value_fn's gradient
   Rs = [R] if value_fn is None else [R, lambda a: a.astype(jnp.float32)]
   n = num_examples(inputs)
-  plan, leaves, kinds = _plan(apply_fn, params, inputs)
-  _warn_fallback(params, kinds)
+  route = _plan(apply_fn, params, inputs)
+  plan, kinds, split = route.plan, route.kinds, route.split
+  _warn_fallback(params, route.report)
   treedef = jax.tree_util.tree_structure(params)
+  leaves = jax.tree_util.tree_leaves(params)
+  n_leaves = len(leaves)
+  # Leaves whose per-example gradients must be summed over paths before R:
+  # the transforms' outputs (frontier) and the leaves the transforms read.
+  pulled, pullback_f = (), None
+  if split is not None:
+    frontier, pullback_f, pulled = _transform_pullback(split, leaves)
+    leaves = leaves + frontier
+  joint = set(pulled) | set(range(n_leaves, len(leaves)))
   shapes = [jnp.shape(l) for l in leaves]
   fallback = [i for i, k in enumerate(kinds) if k.startswith("fallback")]
   factored = [i for i, k in enumerate(kinds)
               if not k.startswith("fallback") and not k.startswith("unused")]
-  outer_leaves = [i for i in factored if kinds[i] == "dense"]
-  per_ex_leaves = [i for i in factored if kinds[i] != "dense"]
+  # one matmul R(X)^T R(D) per layer (per layer slice inside a scan), decided from the uses
+  outer_leaves = [i for i in factored if _outer(plan.uses[i]) and i not in joint]
+  per_ex_leaves = [i for i in factored if i not in outer_leaves]
+  fallback_joint = [j for j, i in enumerate(fallback) if i in joint]
+  # what _per_example_reduce returns: the per-example leaves, then the pulled-back ones
+  ex_out = [i for i in per_ex_leaves if i not in joint] + list(pulled)
   sites = plan.sites(factored)
-  small = not fallback and all(kinds[i] in ("dense", "bias") for i in factored)
+  small = not fallback and split is None and all(
+      _outer(plan.uses[i]) or all(u.additive for u in plan.uses[i]) for i in factored)
   chunk = resolve_chunk_size(chunk_size, n, DENSE_CHUNK_SIZE if small else DEFAULT_CHUNK_SIZE)
   back = {u.site: _jaxpr.path_transpose(u.path, shapes[u.leaf]) for u in sites}
   (x_chunks, e_chunks), valid = chunked((inputs, extras), n, chunk)
@@ -244,11 +282,23 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     patches = {u.site: jax.vmap(_jaxpr.looped(u, lambda ob, u=u: _jaxpr.conv_patches(u, ob[0])))(
         caps[u.site]) for i in per_ex_leaves for u in plan.uses[i] if _jaxpr.patchable(u)}
 
+    def finish(gs, extra):
+      """One example's gradients of the ex_out leaves, the transforms' VJP applied."""
+      if pullback_f is None:
+        return gs
+      direct = dict(zip(per_ex_leaves, gs))
+      for j, e in zip(fallback_joint, extra):
+        direct[fallback[j]] = f32(e)
+      pulled_g = pullback_f([direct.get(k) for k in range(n_leaves, len(leaves))])
+      return ([direct[i] for i in per_ex_leaves if i not in joint]
+              + [p + direct[i] if i in direct else p for i, p in zip(pulled, pulled_g)])
+
     def per_direction(c):
       d, g = pullback(c)
       outer_r = {plan.uses[i][0].site: [r(f32(d[plan.uses[i][0].site])) for r in Rs] for i in outer_leaves}
       sums = [[r(f32(gi)).sum(0) for r in Rs] for gi in g]
-      ex = _per_example_reduce(per_ex_leaves, plan, use_grad, Rs, shapes, caps, d, patches)
+      ex = _per_example_reduce(per_ex_leaves, plan, use_grad, Rs, [shapes[i] for i in ex_out], caps, d,
+                               patches, [g[j] for j in fallback_joint], finish)
       return outer_r, sums, ex
 
     def step(carry, c):
@@ -263,8 +313,9 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     for r_idx, r in enumerate(Rs):
       acc = [jnp.zeros(s, jnp.float32) for s in shapes]
       for j, i in enumerate(fallback):
-        acc[i] = acc[i] + sums[j][r_idx]
-      for i, s in zip(per_ex_leaves, ex):
+        if i not in joint:
+          acc[i] = acc[i] + sums[j][r_idx]
+      for i, s in zip(ex_out, ex):
         acc[i] = acc[i] + s[r_idx]
       for i in outer_leaves:
         (u,) = plan.uses[i]
@@ -276,12 +327,41 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     return out_acc, value
 
   init = [jnp.zeros(s, jnp.float32) for s in shapes]
+  unflat = lambda a: jax.tree_util.tree_unflatten(treedef, a[:n_leaves])
   if value_fn is None:
-    acc = scan_chunks(body, init, (x_chunks, e_chunks, valid))
-    return jax.tree_util.tree_unflatten(treedef, acc)
+    return unflat(scan_chunks(body, init, (x_chunks, e_chunks, valid)))
   (acc, plain), value = scan_chunks(body, ([init, init], jnp.zeros((), jnp.float32)), (x_chunks, e_chunks, valid))
-  unflat = lambda a: jax.tree_util.tree_unflatten(treedef, a)
   return unflat(acc), unflat(plain), value
+
+def _transform_pullback(split, leaves):
+  """The transforms' outputs, and one example's map from their gradients to the leaves'.
+
+  Returns ``(frontier, pullback, pulled)``: ``pullback(grads)`` (one float32
+  gradient or ``None`` per frontier value) gives float32 gradients of the
+  leaves ``pulled`` (the float leaves the transforms read), by JAX's VJP of
+  the transforms (custom rules included), linearised once.
+  """
+  pulled = tuple(i for i in split.inputs if jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact))
+  fl = [k for k, s in enumerate(split.frontier) if jnp.issubdtype(s.dtype, jnp.inexact)]
+
+  def f(ts):
+    ls = list(leaves)
+    for i, t in zip(pulled, ts):
+      ls[i] = t
+    out = split.prologue(ls)
+    return [out[k] for k in fl]
+
+  frontier = split.prologue(list(leaves))
+  _, vjp = jax.vjp(f, [leaves[i] for i in pulled])
+
+  def pullback(grads):
+    # cotangents in the transforms' output dtype, as autodiff of the model has them
+    cts = [jnp.zeros(split.frontier[k].shape, split.frontier[k].dtype) if grads[k] is None
+           else grads[k].astype(split.frontier[k].dtype) for k in fl]
+    (gs,) = vjp(cts)
+    return [g.astype(jnp.float32) for g in gs]
+
+  return frontier, pullback, pulled
 
 
 def _sequential() -> bool:
@@ -296,18 +376,24 @@ def _sequential() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _per_example_reduce(leaves, plan, use_grad, Rs, shapes, caps, d, patches):
-  """``[sum_b R(sum_u g_{u,b}) for R in Rs]`` for each leaf, ``g_{u,b}`` its gradient through use ``u``."""
-  if not leaves:
+def _per_example_reduce(leaves, plan, use_grad, Rs, out_shapes, caps, d, patches, extra=(), finish=None):
+  """``[sum_b R(sum_u g_{u,b}) for R in Rs]`` for each leaf, ``g_{u,b}`` its gradient through use ``u``.
+
+  ``finish(grads_b, extra_b)``, if given, maps one example's gradients of
+  ``leaves`` (and its slices of the per-example arrays ``extra``) to the
+  gradients that are reduced, shaped ``out_shapes``.
+  """
+  if not out_shapes:
     return []
   sites = [u.site for i in leaves for u in plan.uses[i]]
   sel = lambda t: {s: t[s] for s in sites if s in t}
-  xs = (sel(caps), sel(d), sel(patches))
+  xs = (sel(caps), sel(d), sel(patches), list(extra))
 
   def grads(x):
-    cap_b, d_b, p_b = x
-    return [sum(use_grad(u, cap_b[u.site], d_b[u.site], p_b.get(u.site)) for u in plan.uses[i])
-            for i in leaves]
+    cap_b, d_b, p_b, e_b = x
+    gs = [sum(use_grad(u, cap_b[u.site], d_b[u.site], p_b.get(u.site)) for u in plan.uses[i])
+          for i in leaves]
+    return gs if finish is None else finish(gs, e_b)
 
   if not _sequential():
     return [[r(g).sum(0) for r in Rs] for g in jax.vmap(grads)(xs)]
@@ -315,7 +401,7 @@ def _per_example_reduce(leaves, plan, use_grad, Rs, shapes, caps, d, patches):
   def step(acc, x):
     return [[a_r + r(g) for a_r, r in zip(a, Rs)] for a, g in zip(acc, grads(x))], None
 
-  init = [[jnp.zeros(shapes[i], jnp.float32) for _ in Rs] for i in leaves]
+  init = [[jnp.zeros(s, jnp.float32) for _ in Rs] for s in out_shapes]
   return jax.lax.scan(step, init, xs)[0]
 
 

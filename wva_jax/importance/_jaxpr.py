@@ -95,6 +95,9 @@ class Plan:
   n_leaves: int
   uses: dict  # leaf -> [Use]
   blocked: dict  # leaf -> [reason]: uses the interpreter cannot see through
+  block_sites: dict = dataclasses.field(default_factory=dict)  # leaf -> [site] of those uses
+  depends: dict = dataclasses.field(default_factory=dict)  # {(prefix, var): True}: depends on the example
+  aliases: frozenset = frozenset()  # top-level vars that are layout aliases of one leaf
 
   def sites(self, leaves) -> list:
     return [u for i in leaves for u in self.uses.get(i, [])]
@@ -155,74 +158,6 @@ def require_array(out, what: str = "outputs"):
   return out
 
 
-# Primitives that combine values along an axis: on an axis whose size is the
-# batch size they mix examples.
-_REDUCING = {"reduce_sum": "axes", "reduce_max": "axes", "reduce_min": "axes",
-             "reduce_prod": "axes", "reduce_and": "axes", "reduce_or": "axes",
-             "argmax": "axes", "argmin": "axes", "cumsum": "axis", "cumprod": "axis",
-             "cummax": "axis", "cummin": "axis", "cumlogsumexp": "axis", "sort": "dimension"}
-
-
-def _batch_dim(d) -> bool:
-  return not isinstance(d, int)  # symbolic: its size involves the batch size
-
-
-def _mixing(jaxpr):
-  """(primitive, how) of the first op that combines values across the batch axis, or None."""
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name in _REDUCING:
-      ax = eqn.params[_REDUCING[name]]
-      axes = ax if isinstance(ax, tuple) else (ax,)
-      shape = eqn.invars[0].aval.shape
-      if any(_batch_dim(shape[a]) for a in axes):
-        return name, "reduces over the batch axis"
-    elif name == "dot_general":
-      (lc, rc), _ = eqn.params["dimension_numbers"]
-      shape = eqn.invars[0].aval.shape
-      if any(_batch_dim(shape[a]) for a in lc):
-        return name, "contracts the batch axis"
-    for j in _sub_jaxprs(eqn):
-      found = _mixing(j)
-      if found:
-        return found
-  return None
-
-
-def _sub_jaxprs(eqn):
-  for v in eqn.params.values():
-    for x in (v if isinstance(v, (tuple, list)) else (v,)):
-      if isinstance(x, jcore.ClosedJaxpr):
-        yield x.jaxpr
-      elif isinstance(x, jcore.Jaxpr):
-        yield x
-
-
-def check_per_example(apply_fn: Callable, params, example) -> None:
-  """Refuses a model whose outputs mix examples (e.g. BatchNorm in training mode).
-
-  Traces ``apply_fn`` with a symbolic batch size and looks for a reduction
-  or contraction over an axis whose size involves it. A model that cannot be
-  traced with a symbolic batch size (shape-dependent Python code) is not
-  checked.
-  """
-  try:
-    (b,) = jax.export.symbolic_shape("b")
-    sym = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((b,) + jnp.shape(a)[1:],
-                                                                jnp.result_type(a)), example)
-    closed = jax.make_jaxpr(apply_fn)(jax.tree_util.tree_map(_struct, params), sym)
-  except Exception:  # noqa: BLE001 - any failure of the symbolic trace: no check
-    return
-  found = _mixing(closed.jaxpr)
-  if found:
-    name, how = found
-    raise ValueError(
-        f"apply_fn mixes examples: primitive {name!r} {how} (BatchNorm in training "
-        "mode, a mean over the batch...). Importance is a mean of per-example "
-        "quantities, so outputs[b] must depend on inputs[b] only: run the model in "
-        "evaluation mode (e.g. BatchNorm with use_running_average=True)")
-
-
 def _dependence(jaxpr, in_dep, prefix, out: dict) -> list:
   """Marks ``out[(prefix, var)]`` for every var that depends on the example; returns the outvars'."""
   dep = {v for v, d in zip(jaxpr.invars, in_dep) if d}
@@ -263,11 +198,18 @@ def trace(apply_fn: Callable, params, example) -> Plan:
   depends: dict = {}
   _dependence(closed.jaxpr, [False] * n + [True] * (len(closed.jaxpr.invars) - n), (), depends)
 
-  def block(alias, reason):
+  block_sites: dict = {}
+  top_env: dict = {}
+
+  def block(alias, reason, site=None):
     blocked.setdefault(alias[0], []).append(reason)
+    block_sites.setdefault(alias[0], []).append(site)
 
   def walk(jaxpr, in_alias, prefix):
     env = {v: a for v, a in zip(jaxpr.invars, in_alias) if a is not None}
+    if not prefix:
+      top_env.update(env)
+      env = top_env
     for i, eqn in enumerate(jaxpr.eqns):
       ins = [env.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
       idx = [k for k, a in enumerate(ins) if a is not None]
@@ -306,14 +248,14 @@ def trace(apply_fn: Callable, params, example) -> Plan:
           if k < n_consts:
             body_ins[k] = (leaf, path.then(("const", length), loops, permutes=False))
           elif k < n_consts + n_carry:
-            block(ins[k], "scan carry")
+            block(ins[k], "scan carry", site)
           else:
             body_ins[k] = (leaf, path.then(("xs",), loops))
         for j, a in enumerate(walk(inner, body_ins, site)):
           if a is None:
             continue
           if j < n_carry:
-            block(a, "scan carry")
+            block(a, "scan carry", site)
           else:  # stacked back as a scan output (nnx.scan returns its state): an alias again
             leaf, path = a
             env[eqn.outvars[j]] = (leaf, path.then(("ys",), path.loops[:-1]))
@@ -331,14 +273,14 @@ def trace(apply_fn: Callable, params, example) -> Plan:
         else:
           reason = name
         for k in live:
-          block(ins[k], reason)
+          block(ins[k], reason, site)
     return [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
 
   in_alias = [(i, Path()) for i in range(n)] + [None] * (len(closed.jaxpr.invars) - n)
   for a in walk(closed.jaxpr, in_alias, ()):
     if a is not None:
       block(a, "returned as output")
-  return Plan(closed, n, uses, blocked)
+  return Plan(closed, n, uses, blocked, block_sites, depends, frozenset(top_env))
 
 
 def _under_loops(f, n: int):

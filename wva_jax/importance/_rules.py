@@ -10,9 +10,11 @@ alias of it) the rule of that equation's primitive decides:
   carries the op, so cotangents can be mapped back to the leaf's layout.
 ``CALL``
   A call whose body is evaluated inline without changing any derivative
-  (``jit``, ``closed_call``, ``remat``/``checkpoint``, ``custom_jvp_call``:
-  the body's derivative is taken, which is what the custom rule encodes for
-  every ``jax.nn`` function). Entered.
+  (``jit``, ``closed_call``, ``remat``/``checkpoint``). Entered. A
+  ``custom_jvp_call`` / ``custom_vjp_call`` is NOT a call here: its rule may
+  differ from its body's derivative (a straight-through fake-quant, gradient
+  scaling), so a parameter reaching one is opaque and differentiated by JAX
+  through the rule.
 ``LOOP``
   ``scan``: entered. A parameter scanned over (a ``[L, ...]`` stack of layer
   weights) gets one use per layer slice, evaluated inside the same scan; a
@@ -27,8 +29,13 @@ alias of it) the rule of that equation's primitive decides:
   rounding, comparisons, ``stop_gradient``): the alias is dropped, exactly as
   autodiff drops it.
 anything else
-  Opaque: the leaf leaves the fast path and is differentiated the general
-  way (per-example ``vjp`` restricted to that leaf); SIG refuses it by name.
+  Opaque. Where the op depends on parameters only (``tanh(w)``, a weight
+  norm, a custom rule on a weight), the leaf is a parameter transform
+  (``_transforms``): per-example gradients are taken at the transform's
+  output on the fast path and pulled back through its own VJP. Where it also
+  reads the example, the leaf leaves the fast path and is differentiated the
+  general way (per-example ``vjp`` restricted to that leaf); SIG refuses it
+  by name.
 """
 from __future__ import annotations
 
@@ -45,13 +52,15 @@ OPAQUE = "opaque"
 # Single-operand ops that only move, copy, broadcast or select elements: linear.
 _LAYOUT = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
                      "copy", "copy_p", "rev", "slice", "reduce_precision"})
-_CALL = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint",
-                   "custom_jvp_call"})
+_CALL = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
 _LOOP = frozenset({"scan"})
 # op -> the kind engine_report names it by
 _LINEAR = {"dot_general": "dense", "conv_general_dilated": "conv", "mul": "scale",
            "gather": "embedding"}
-_ADDITIVE = {"add": "bias", "sub": "bias", "add_any": "bias"}
+# Linear in the parameter operand with a derivative that reads no other operand: the
+# per-example gradient is the output cotangent's slice (a bias; a parameter
+# concatenated to the activations: a ViT's cls or register tokens, prefix tuning).
+_ADDITIVE = {"add": "bias", "sub": "bias", "add_any": "bias", "concatenate": "concatenated"}
 # Derivative zero (almost everywhere) w.r.t. every operand.
 _ZERO = frozenset({"stop_gradient", "sign", "floor", "ceil", "round", "is_finite",
                    "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor",

@@ -1,13 +1,14 @@
 """SIG: forward-only signal importance, found by reading the model's jaxpr."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from wva_jax.importance import _jaxpr
-from wva_jax.importance._engine import check_model
+from wva_jax.importance._engine import FallbackWarning, check_model
 from wva_jax.importance._per_example import chunked, num_examples, resolve_chunk_size, scan_chunks
 
 # SIG keeps only per-site sums of |activations| between chunks, so chunks can be big.
@@ -70,10 +71,15 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   Raises:
     ValueError: empty ``inputs``, bad ``chunk_size``, a ``mask`` of the wrong
       shape or one a parameter's signal cannot be weighted by, outputs that
-      are not one array or that mix examples (BatchNorm in training mode), or
-      a parameter whose use the tracer cannot see through (a custom VJP, a
-      ``while`` loop, a nonlinear function of the parameter...): the message
-      names the parameter and primitive.
+      are not one array or that mix examples (BatchNorm in training mode).
+
+  A parameter concatenated to the activations (a ViT's cls or register
+  tokens, prefix tuning) is itself part of the signal: the bias rule with
+  ``y`` the concatenation gives ``sig(w) = |w|``. A parameter whose use the
+  tracer cannot see through (a custom rule, a ``while`` loop, a nonlinear
+  function of it) gets that magnitude rule ``|w|``, with a
+  :class:`~wva_jax.importance.FallbackWarning` naming it and the primitive;
+  the other parameters keep their signal.
 
   Example:
     >>> import jax.numpy as jnp
@@ -102,13 +108,16 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   plan = _jaxpr.trace(apply_fn, params, example)
   names = _jaxpr.leaf_paths(params)
   floats = [i for i, l in enumerate(leaves) if jnp.issubdtype(jnp.result_type(l), jnp.inexact)]
-  for i in floats:  # integer leaves (step counters...) carry no signal: zeros
-    if i not in plan.blocked:
-      continue
-    reasons = plan.blocked[i]
-    raise ValueError(f"sig cannot see how parameter {names[i]!r} enters the model: it is "
-                     f"used by primitive {reasons[0]!r}; sig follows dot_general, conv, mul, "
-                     "gather, add and sub (through jit, remat, scan and layout ops)")
+  # integer leaves (step counters...) carry no signal: zeros. A leaf the tracer cannot
+  # follow gets the magnitude rule |w| (below).
+  magnitude = [i for i in floats if i in plan.blocked]
+  if magnitude:
+    listed = ", ".join(f"{names[i]!r} ({plan.blocked[i][0]})" for i in magnitude[:8])
+    warnings.warn(f"sig cannot follow {len(magnitude)} parameter leaves into the model and gives them "
+                  f"the magnitude rule |w| instead of |w| x signal: {listed}. sig follows dot_general, "
+                  "conv, mul, gather, add and sub (through jit, remat, scan and layout ops)",
+                  FallbackWarning, stacklevel=2)
+  floats = [i for i in floats if i not in magnitude]
   sites = plan.sites(floats)
   if mask is not None:
     mask = jnp.asarray(mask, jnp.float32)
@@ -195,4 +204,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
       s = _jaxpr.looped(u, reach)(s)
     w = jnp.abs(_jaxpr.as_f32(jnp.asarray(leaves[u.leaf])))
     imp[u.leaf] = imp[u.leaf] + w * back(s)
-  return jax.tree_util.tree_unflatten(treedef, [i / n for i in imp])
+  imp = [i / n for i in imp]
+  for i in magnitude:
+    imp[i] = jnp.abs(_jaxpr.as_f32(jnp.asarray(leaves[i])))
+  return jax.tree_util.tree_unflatten(treedef, imp)

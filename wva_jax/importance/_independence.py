@@ -1,0 +1,167 @@
+"""Batch independence decided by what the model computes: ``outputs[b]`` from ``inputs[b]`` only.
+
+Every estimator is a mean of per-example quantities, and the engine
+evaluates each example as a batch of one: a model whose outputs mix
+examples (BatchNorm in training mode, ``jnp.roll`` or a reversal along the
+batch axis, capacity-limited routing where tokens compete) would get
+importance for a different model, silently. Primitive names cannot decide
+it: a mixture-of-experts layer that sorts the whole batch's tokens by
+expert and restores their order is independent, a ``gather`` along the
+batch axis is not.
+
+The probe changes each of (up to) the first ``PROBE_EXAMPLES`` examples in
+turn and checks that no other example's output moves:
+
+* float inputs: a forward-mode JVP with a tangent on that example only; the
+  other examples' output tangents must be exactly zero (no tolerance);
+* and a finite change, for a discrete dependence that has a zero JVP
+  (which tokens an expert's capacity keeps): the example's floats ``v`` become
+  ``1 - v`` and its integers (tokens) are shifted within their observed
+  range; the other outputs are compared with the unperturbed ones (a
+  tolerance for reordered float sums, e.g. ragged groups of another size).
+  A competition that this one change does not trigger is not seen.
+
+With concrete arrays the probe runs at once and refuses by ``ValueError``;
+inside a trace (the estimator called under ``jax.jit``) it runs with the
+computation and a host callback raises the same message at run time. The
+message names the first operation that combines or moves values along the
+batch axis, found in a trace with a symbolic batch size.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+PROBE_EXAMPLES = 8
+# swap probe (integer inputs): relative change of another example's outputs that counts as moved
+SWAP_RTOL = {2: 3e-2, 4: 1e-4, 8: 1e-9}  # by output itemsize
+
+# How each op combines or moves values along an axis (params key of the axes).
+_ALONG = {"reduce_sum": "axes", "reduce_max": "axes", "reduce_min": "axes", "reduce_prod": "axes",
+          "reduce_and": "axes", "reduce_or": "axes", "argmax": "axes", "argmin": "axes",
+          "cumsum": "axis", "cumprod": "axis", "cummax": "axis", "cummin": "axis",
+          "cumlogsumexp": "axis", "sort": "dimension", "rev": "dimensions", "concatenate": "dimension"}
+# Ops that read operand elements at computed positions: any axis of the operand.
+_INDEXED = frozenset({"gather", "dynamic_slice", "scatter", "scatter-add", "scatter_add", "dynamic_update_slice"})
+
+
+def _batch_dim(d) -> bool:
+  return not isinstance(d, int)  # symbolic: its size involves the batch size
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if isinstance(x, jcore.ClosedJaxpr):
+        yield x.jaxpr
+      elif isinstance(x, jcore.Jaxpr):
+        yield x
+
+
+def _suspect(jaxpr) -> tuple[str, str] | None:
+  """(primitive, how) of the first op that combines or moves values along the batch axis."""
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    shape = eqn.invars[0].aval.shape if eqn.invars and hasattr(eqn.invars[0].aval, "shape") else ()
+    if name in _ALONG:
+      ax = eqn.params[_ALONG[name]]
+      axes = ax if isinstance(ax, (tuple, list)) else (ax,)
+      if any(a < len(shape) and _batch_dim(shape[a]) for a in axes):
+        return name, "acts along the batch axis"
+    elif name == "dot_general":
+      (lc, _), _ = eqn.params["dimension_numbers"]
+      if any(_batch_dim(shape[a]) for a in lc):
+        return name, "contracts the batch axis"
+    elif name in _INDEXED and any(_batch_dim(d) for d in shape):
+      return name, "indexes an array along the batch axis"
+    for j in _sub_jaxprs(eqn):
+      found = _suspect(j)
+      if found:
+        return found
+  return None
+
+
+def suspect(apply_fn: Callable, params, example) -> str:
+  """Names the first op acting along the batch axis, for the error message ('' if none found)."""
+  try:
+    (b,) = jax.export.symbolic_shape("b")
+    sym = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((b,) + jnp.shape(a)[1:], jnp.result_type(a)),
+                                 example)
+    structs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), params)
+    closed = jax.make_jaxpr(apply_fn)(structs, sym)
+  except Exception:  # noqa: BLE001 - shape-dependent Python code: no name to give
+    return ""
+  found = _suspect(closed.jaxpr)
+  return f" (first operation along the batch axis: primitive {found[0]!r}, which {found[1]})" if found else ""
+
+
+def _moved(apply_fn: Callable, params, x) -> jax.Array:
+  """Whether any example's output moves when only another example's input changes (a bool scalar).
+
+  Each of the ``k`` examples is changed in turn (``lax.map``: models with
+  primitives that have no batching rule, e.g. ``ragged_dot``, run as they are).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(x)
+  is_float = [jnp.issubdtype(jnp.result_type(l), jnp.inexact) for l in leaves]
+  k = jnp.shape(leaves[0])[0]
+  f = lambda *ls: apply_fn(params, jax.tree_util.tree_unflatten(treedef, ls))
+  out, lin = jax.linearize(f, *leaves) if all(is_float) else (f(*leaves), None)
+  others = lambda i, a: jnp.arange(k).reshape((k,) + (1,) * (a.ndim - 1)) != i
+  only = lambda i, a: ~others(i, a)
+  out32 = out.astype(jnp.float32)
+  rtol = SWAP_RTOL.get(jnp.dtype(out.dtype).itemsize, 1e-3)
+  scale = jnp.max(jnp.abs(out32)) + 1e-30
+
+  def probe(i):
+    moved = jnp.zeros((), bool)
+    if lin is not None:  # a tangent on example i only: the others' output tangents must be exactly zero
+      key = jax.random.fold_in(jax.random.key(0), i)
+      t = lin(*[jax.random.normal(jax.random.fold_in(key, j), l.shape, l.dtype) * only(i, l)
+                for j, l in enumerate(leaves)])
+      moved = jnp.any((jnp.abs(t) > 0) & others(i, t))
+    # A finite change as well: a discrete dependence (routing, capacity) has a zero JVP.
+    changed = []
+    for l, fl in zip(leaves, is_float):
+      if fl:
+        changed.append(jnp.where(only(i, l), 1 - l, l))
+      else:  # within the observed range, so an embedding index stays valid
+        lo, hi = jnp.min(l), jnp.max(l)
+        span = jnp.maximum(hi - lo + 1, 1).astype(l.dtype)
+        changed.append(jnp.where(only(i, l), lo + (l - lo + 1) % span, l))
+    diff = jnp.abs(f(*changed).astype(jnp.float32) - out32)
+    return moved | jnp.any((diff > rtol * scale) & others(i, diff))
+
+  return jnp.any(jax.lax.map(probe, jnp.arange(k)))
+
+
+def _message(detail: str) -> str:
+  return ("apply_fn mixes examples: the outputs of other examples changed when only one example's input "
+          f"changed{detail}. Importance is a mean of per-example quantities, so outputs[b] must depend on "
+          "inputs[b] only: run the model in evaluation mode (e.g. BatchNorm with use_running_average=True), "
+          "and do not roll, reverse or index along the batch axis")
+
+
+def check(apply_fn: Callable, params, inputs) -> None:
+  """Refuses a model whose outputs mix examples; see the module docstring."""
+  leaves = jax.tree_util.tree_leaves(inputs)
+  k = min(int(jnp.shape(leaves[0])[0]), PROBE_EXAMPLES)
+  if k < 2:
+    return
+  x = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:k], inputs)
+  example = jax.tree_util.tree_map(lambda a: a[:1], x)
+  moved = jax.jit(lambda p, x: _moved(apply_fn, p, x))(params, x)
+  if not isinstance(moved, jax.core.Tracer):
+    if bool(moved):
+      raise ValueError(_message(suspect(apply_fn, params, example)))
+    return
+  message = _message(suspect(apply_fn, params, example))
+
+  def refuse(m):
+    if np.any(np.asarray(m)):  # batched under vmap
+      raise ValueError(message)
+
+  jax.debug.callback(refuse, moved)
