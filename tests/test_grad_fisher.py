@@ -277,3 +277,12 @@ def test_loss_and_fisher_under_nnx_value_and_grad():
   graphdef, p = nnx.split(model, nnx.Param)
   ref_F = rm.fisher_empirical_ref(lambda q, xb: nnx.merge(graphdef, q)(xb), p, x, y)
   rm.assert_tree_close(nnx.to_pure_dict(F), nnx.to_pure_dict(ref_F))
+
+
+def test_grad_and_fisher_parameter_transform():
+  """A weight used through a nonlinear function of itself (tanh(w)): the engine pulls back through it."""
+  k1, k2 = jax.random.split(jax.random.key(3))
+  params = {"w": jax.random.normal(k1, (6, 4)), "b": 0.1 * jax.random.normal(k2, (4,))}
+  apply_fn = lambda p, x: jnp.tanh(x @ jnp.tanh(p["w"]) + p["b"]) * 3.0
+  x = jax.random.normal(jax.random.key(4), (N, 6))
+  check_all(apply_fn, params, x, jnp.arange(N) % 4)
