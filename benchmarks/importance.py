@@ -124,6 +124,20 @@ def transformer_model(n, rng):
   return m.apply, params, x, jnp.asarray(rng.integers(0, m.vocab, (n, m.seq)))
 
 
+def scanned_mlp_model(n, rng, layers=4, width=256, classes=10):
+  """A 4x256 MLP whose layers are stacked [L, ...] and applied by lax.scan (one matmul per layer slice)."""
+  params = {"w": jnp.asarray(rng.normal(size=(layers, width, width)) / np.sqrt(width), jnp.float32),
+            "b": jnp.zeros((layers, width), jnp.float32),
+            "head": jnp.asarray(rng.normal(size=(width, classes)) / np.sqrt(width), jnp.float32)}
+
+  def apply_fn(p, x):
+    h, _ = jax.lax.scan(lambda h, wb: (jax.nn.relu(h @ wb[0] + wb[1]), None), x, (p["w"], p["b"]))
+    return h @ p["head"]
+
+  x = jnp.asarray(rng.normal(size=(n, width)), jnp.float32)
+  return apply_fn, params, x, jnp.asarray(rng.integers(0, classes, n))
+
+
 def zoo_model(builder, size=zoo.BENCH):
   """A zoo model (tests/zoo/models.py) at benchmark size with N examples (no padding mask)."""
 
@@ -167,6 +181,14 @@ MODELS = {
         zoo_model(zoo.nnx_conv_variants), 128, 8, (32,), 16, LM_ESTS),
     f"HF FlaxResNetForImageClassification, eval ({CONV})": (zoo_model(zoo.hf_resnet), 128, 8,
                                                              (32,), 16, LM_ESTS),
+    # issue 19: a scanned dense stack, parameter transforms, recurrence over time, a cls token
+    "scanned mlp 4x256 (lax.scan)": (scanned_mlp_model, 512, 64, (128, 512), 32,
+                                     ("fisher (empirical)", "mas", "sig")),
+    f"linen WeightNorm(Conv) CNN ({CONV})": (zoo_model(zoo.linen_weightnorm_cnn), 128, 8, (32,), 16,
+                                             LM_ESTS),
+    f"linen RNN(LSTMCell) LM ({LM})": (zoo_model(zoo.linen_lstm), 64, 8, (16,), 8, LM_ESTS),
+    f"HF FlaxViTForImageClassification, cls token ({CONV})": (zoo_model(zoo.hf_vit), 128, 8, (32,), 16,
+                                                              LM_ESTS),
 }
 
 

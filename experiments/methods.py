@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "mofo")  # mofo: wj.mofo, Adam moving only the top-momentum coordinates
 CONSOLIDATIONS = ("none", "wva", "ewc", "implicit_ewc")
 PLACEMENTS = ("increments", "gradients")
 VISCOSITIES = ("hyperbolic", "exponential")
 # sig_seed, mas_batch: the seed author's SIG (bias signal after the activation) and
 # MAS (absolute value of the batch gradient), experiments/author_importance.py.
-IMPORTANCES = ("fisher_empirical", "fisher_sampled", "mas", "sig", "si", "sig_seed", "mas_batch")
-DEFAULT_LR = {"sgd": 0.2, "adam": 1e-3}  # the seed's TF runs
+# fisher_reversed: EWC-DR's logits reversal (fisher(mode='reversed')); fisher_online: the
+# empirical Fisher of the training batches, accumulated during the task's training
+# (grad_and_fisher + fisher_accumulator) instead of a separate pass over the closing set.
+IMPORTANCES = ("fisher_empirical", "fisher_sampled", "mas", "sig", "si", "sig_seed", "mas_batch",
+               "fisher_reversed", "fisher_online")
+DEFAULT_LR = {"sgd": 0.2, "adam": 1e-3, "mofo": 1e-3}  # the seed's TF runs (MoFO: Adam's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +62,13 @@ class Method:
   def protected(self) -> bool:
     return self.consolidation != "none"
 
+  @property
+  def tuned(self) -> bool:
+    """Has a grid to select on: a consolidation's lambda, or MoFO's update fraction."""
+    return self.protected or self.optimizer == "mofo"
+
   def label(self) -> str:
-    opt = self.optimizer.upper() if self.optimizer == "sgd" else "Adam"
+    opt = {"sgd": "SGD", "adam": "Adam", "mofo": "MoFO"}[self.optimizer]
     # Adam's variants, as ", moments reset, eps 1e-20" (empty for the study's Adam).
     variant = (", moments reset" if self.reset_moments else "") + (
         f", eps {self.adam_eps:g}" if self.adam_eps is not None else "")
@@ -67,7 +76,8 @@ class Method:
       return opt + (f" ({variant[2:]})" if variant else "")
     imp = {"fisher_empirical": "Fisher", "fisher_sampled": "Fisher(sampled)",
            "mas": "MAS", "sig": "SIG", "si": "SI", "sig_seed": "SIG(author)",
-           "mas_batch": "MAS(batch)"}[self.importance]
+           "mas_batch": "MAS(batch)", "fisher_reversed": "Fisher(reversed)",
+           "fisher_online": "Fisher(online)"}[self.importance]
     if self.consolidation == "wva":
       where = "grads" if self.placement == "gradients" else "incr"
       visc = "" if self.viscosity == "hyperbolic" else ", exp"

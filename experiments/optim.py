@@ -55,6 +55,9 @@ def make_optimizer(optimizer: str, learning_rate: float, consolidation: str = "n
     raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
   if optimizer == "sgd":
     base = optax.sgd(learning_rate)
+  elif optimizer == "mofo":
+    # unprotected MoFO's strength is its update fraction (traced: one program per grid)
+    base = wj.mofo(learning_rate, fraction=strength if consolidation == "none" else 0.15)
   else:
     base = optax.adam(learning_rate, **({} if adam_eps is None else {"eps": adam_eps}))
   if consolidation == "none":
@@ -93,6 +96,8 @@ def task_importance(method: Method, apply_fn, params, opt_state, inputs, targets
   imp = wj.importance
   if method.importance == "fisher_empirical":
     return imp.fisher(apply_fn, params, inputs, targets, mode="empirical")
+  if method.importance == "fisher_reversed":
+    return imp.fisher(apply_fn, params, inputs, targets, mode="reversed")
   if method.importance == "fisher_sampled":
     return imp.fisher(apply_fn, params, inputs, mode="sampled", key=key)
   if method.importance == "mas":

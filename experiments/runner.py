@@ -26,11 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import wva_jax as wj
 from experiments import author_importance, optim
 from experiments.methods import Method
 from experiments.models import apply_mlp, init_mlp
 from experiments.protocol import BATCH_SIZE, STEPS_PER_TASK
 from experiments.tasks import TaskStream
+
+ONLINE = wj.importance.fisher_accumulator()  # float32 running mean over a task's training batches
 
 
 class DeviceData(NamedTuple):
@@ -54,6 +57,9 @@ class RunState(NamedTuple):
   opt_state: object
   importance: object
   key: jax.Array
+  # importance 'fisher_online': the running mean of the current task's training-batch
+  # Fishers (wj.importance.fisher_accumulator state); None for every other method
+  online: object = None
 
 
 def to_device(split, stream: TaskStream) -> DeviceData:
@@ -88,7 +94,8 @@ def init_runs(seeds, lams, *, method: Method) -> RunState:
     key = jax.random.PRNGKey(seed)
     params = init_mlp(jax.random.fold_in(key, 0))
     opt_state = optim.build_optimizer(method, lam).init(params)
-    return RunState(params, opt_state, optim.zeros_like_params(params), key)
+    online = ONLINE.init(params) if method.importance == "fisher_online" else None
+    return RunState(params, opt_state, optim.zeros_like_params(params), key, online)
   return jax.vmap(one)(seeds, lams)
 
 
@@ -105,18 +112,25 @@ def train_task(state: RunState, lams, task, data: DeviceData, *, method: Method,
     def loss_fn(params, x, y):
       return optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x), y).mean()
 
+    online = method.importance == "fisher_online"
+
     def step(carry, idx):
-      params, opt_state = carry
+      params, opt_state, acc = carry
       rows = data.train_idx[task, idx]
       x, y = _images(data.x_train, rows, data, task), data.y_train[rows]
-      grads = jax.grad(loss_fn)(params, x, y)
+      if online:  # the same gradient (mean cross-entropy), and the batch's Fisher from its backward pass
+        _, grads, fisher = wj.importance.grad_and_fisher(apply_fn, params, x, y)
+        acc = ONLINE.update(acc, fisher, x.shape[0])
+      else:
+        grads = jax.grad(loss_fn)(params, x, y)
       updates, opt_state = opt.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
+      return (optax.apply_updates(params, updates), opt_state, acc), None
 
     # At task 0 the moments are zero already, so resetting every task is exact.
     opt_state = optim.reset_moments(st.opt_state) if method.reset_moments else st.opt_state
-    (params, opt_state), _ = jax.lax.scan(step, (st.params, opt_state), order)
-    return st._replace(params=params, opt_state=opt_state)
+    acc = ONLINE.init(st.params) if online else None   # this task's Fisher only
+    (params, opt_state, acc), _ = jax.lax.scan(step, (st.params, opt_state, acc), order)
+    return st._replace(params=params, opt_state=opt_state, online=acc)
 
   return jax.vmap(one)(state, lams)
 
@@ -130,7 +144,9 @@ def consolidate_task(state: RunState, task, data: DeviceData, *, method: Method)
 
   def one(st: RunState):
     key = jax.random.fold_in(st.key, 10_000 + task)
-    if method.importance in author_importance.AUTHOR_IMPORTANCES:
+    if method.importance == "fisher_online":
+      new = ONLINE.result(st.online)
+    elif method.importance in author_importance.AUTHOR_IMPORTANCES:
       logit_bias = jnp.where(data.class_mask[task], 0.0, -1e9)
       new = author_importance.task_importance(method.importance, st.params, x, logit_bias)
     else:

@@ -17,6 +17,7 @@ from wva_jax.lora import (
   lora_wva_scale,
 )
 from wva_jax.merge import fisher_merge
+from wva_jax.mofo import mofo, scale_by_mofo
 from wva_jax.monitor import training_metrics
 from wva_jax.state import consolidate, set_anchor, set_importance
 from wva_jax.wva import WVAState, attenuation, wva_adam, wva_scale, wva_sgd
@@ -27,4 +28,4 @@ __all__ = ["importance", "metrics", "sharding", "wva_scale", "wva_sgd", "wva_ada
            "ewc_penalty", "add_ewc", "implicit_ewc", "EWCState", "set_importance", "set_anchor", "consolidate",
            "lora_importance", "lora_ewc_penalty", "lora_ewc_grad", "add_lora_ewc", "lora_pullback",
            "lora_wva_scale", "LoRAState", "save_importance", "load_importance", "importance_metadata",
-           "fisher_merge", "training_metrics"]
+           "fisher_merge", "training_metrics", "mofo", "scale_by_mofo"]

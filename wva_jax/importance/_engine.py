@@ -187,19 +187,31 @@ def _warn_fallback(params, kinds):
 
 
 def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="square",
-                  chunk_size=None, engine="auto"):
+                  chunk_size=None, engine="auto", value_fn=None):
   """``sum_b valid_b * sum_k R(J_b^T c_{b,k})`` as a float32 pytree like ``params``.
 
   Same contract as ``per_example_sum`` (the caller divides by the number of
   examples); ``engine`` is ``'auto'`` (= ``'factored'``), ``'factored'`` or
   ``'vmap'`` (the reference path).
+
+  With ``value_fn(outputs_chunk, extras_chunk) -> [chunk]`` (factored engine
+  only) it returns ``(sums, plain, value)``: also the unreduced sums
+  ``plain = sum_b valid_b sum_k J_b^T c_{b,k}`` (R = identity: for one
+  cotangent, the gradient of ``sum_b <c_b, f(x_b)>``) from the same backward
+  pass (``X^T D`` beside ``R(X)^T R(D)`` for dense layers), and
+  ``value = sum_b valid_b value_fn(...)_b`` (e.g. the loss) from the same
+  forward pass.
   """
   if engine not in ENGINES:
     raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+  if value_fn is not None and engine == "vmap":
+    raise ValueError("value_fn needs the factored engine (engine='auto')")
   if engine == "vmap":
     return per_example_sum(apply_fn, params, inputs, cot_fn, extras, reduce=reduce,
                            chunk_size=chunk_size)
   R = reducer(reduce)
+  # the reductions formed in one pass: R, and the identity for value_fn's gradient
+  Rs = [R] if value_fn is None else [R, lambda a: a.astype(jnp.float32)]
   n = num_examples(inputs)
   route = _plan(apply_fn, params, inputs)
   plan, kinds, split = route.plan, route.kinds, route.split
@@ -283,9 +295,9 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
 
     def per_direction(c):
       d, g = pullback(c)
-      outer_r = {plan.uses[i][0].site: R(f32(d[plan.uses[i][0].site])) for i in outer_leaves}
-      sums = [R(f32(gi)).sum(0) for gi in g]
-      ex = _per_example_reduce(per_ex_leaves, plan, use_grad, R, [shapes[i] for i in ex_out], caps, d,
+      outer_r = {plan.uses[i][0].site: [r(f32(d[plan.uses[i][0].site])) for r in Rs] for i in outer_leaves}
+      sums = [[r(f32(gi)).sum(0) for r in Rs] for gi in g]
+      ex = _per_example_reduce(per_ex_leaves, plan, use_grad, Rs, [shapes[i] for i in ex_out], caps, d,
                                patches, [g[j] for j in fallback_joint], finish)
       return outer_r, sums, ex
 
@@ -297,20 +309,29 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     else:
       init = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(per_direction, cots[0]))
       (outer_r, sums, ex), _ = jax.lax.scan(step, init, cots)
-    for j, i in enumerate(fallback):
-      if i not in joint:
-        acc[i] = acc[i] + sums[j]
-    for i, s in zip(ex_out, ex):
-      acc[i] = acc[i] + s
-    for i in outer_leaves:
-      (u,) = plan.uses[i]
-      acc[i] = acc[i] + back[u.site](_outer_sum(u, R, caps[u.site], outer_r[u.site]))
-    return acc
+    out_acc = []
+    for r_idx, r in enumerate(Rs):
+      acc = [jnp.zeros(s, jnp.float32) for s in shapes]
+      for j, i in enumerate(fallback):
+        if i not in joint:
+          acc[i] = acc[i] + sums[j][r_idx]
+      for i, s in zip(ex_out, ex):
+        acc[i] = acc[i] + s[r_idx]
+      for i in outer_leaves:
+        (u,) = plan.uses[i]
+        acc[i] = acc[i] + back[u.site](_outer_sum(u, r, caps[u.site], outer_r[u.site][r_idx]))
+      out_acc.append(acc)
+    if value_fn is None:
+      return out_acc[0]
+    value = (value_fn(out[:, 0], e).astype(jnp.float32) * v).sum()
+    return out_acc, value
 
   init = [jnp.zeros(s, jnp.float32) for s in shapes]
-  acc = scan_chunks(body, init, (x_chunks, e_chunks, valid))
-  return jax.tree_util.tree_unflatten(treedef, acc[:n_leaves])
-
+  unflat = lambda a: jax.tree_util.tree_unflatten(treedef, a[:n_leaves])
+  if value_fn is None:
+    return unflat(scan_chunks(body, init, (x_chunks, e_chunks, valid)))
+  (acc, plain), value = scan_chunks(body, ([init, init], jnp.zeros((), jnp.float32)), (x_chunks, e_chunks, valid))
+  return unflat(acc), unflat(plain), value
 
 def _transform_pullback(split, leaves):
   """The transforms' outputs, and one example's map from their gradients to the leaves'.
@@ -355,8 +376,8 @@ def _sequential() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _per_example_reduce(leaves, plan, use_grad, R, out_shapes, caps, d, patches, extra=(), finish=None):
-  """``sum_b R(sum_u g_{u,b})`` for each leaf, ``g_{u,b}`` its gradient through use ``u``.
+def _per_example_reduce(leaves, plan, use_grad, Rs, out_shapes, caps, d, patches, extra=(), finish=None):
+  """``[sum_b R(sum_u g_{u,b}) for R in Rs]`` for each leaf, ``g_{u,b}`` its gradient through use ``u``.
 
   ``finish(grads_b, extra_b)``, if given, maps one example's gradients of
   ``leaves`` (and its slices of the per-example arrays ``extra``) to the
@@ -375,12 +396,12 @@ def _per_example_reduce(leaves, plan, use_grad, R, out_shapes, caps, d, patches,
     return gs if finish is None else finish(gs, e_b)
 
   if not _sequential():
-    return [R(g).sum(0) for g in jax.vmap(grads)(xs)]
+    return [[r(g).sum(0) for r in Rs] for g in jax.vmap(grads)(xs)]
 
   def step(acc, x):
-    return [a + R(g) for a, g in zip(acc, grads(x))], None
+    return [[a_r + r(g) for a_r, r in zip(a, Rs)] for a, g in zip(acc, grads(x))], None
 
-  init = [jnp.zeros(s, jnp.float32) for s in out_shapes]
+  init = [[jnp.zeros(s, jnp.float32) for _ in Rs] for s in out_shapes]
   return jax.lax.scan(step, init, xs)[0]
 
 

@@ -79,6 +79,9 @@ def scan_chunks(body, init, chunks):
   def step(acc, chunk):
     return jax.tree_util.tree_map(jnp.add, acc, body(chunk)), None
 
+  if jax.tree_util.tree_leaves(chunks)[0].shape[0] == 1:
+    # one chunk (a training batch): no loop, so XLA fuses across the whole program
+    return step(init, jax.tree_util.tree_map(lambda a: a[0], chunks))[0]
   acc, _ = jax.lax.scan(step, init, chunks)
   return acc
 

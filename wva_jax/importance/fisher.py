@@ -10,7 +10,7 @@ from wva_jax._checks import check_choice
 from wva_jax.importance._engine import check_model, gradient_sums
 from wva_jax.importance._per_example import num_examples
 
-MODES = ("empirical", "sampled", "exact")
+MODES = ("empirical", "sampled", "exact", "reversed")
 
 
 def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "empirical",
@@ -32,6 +32,16 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
   backward pass per (position, class) pair, so prefer ``'sampled'`` for
   language models.
 
+  ``'reversed'`` is EWC-DR's logits reversal: the empirical Fisher with
+  ``softmax(-z)`` in place of ``softmax(z)`` (``z`` the logits), i.e. the
+  score cotangent per position is ``softmax(-z) - q`` instead of
+  ``q - softmax(z)``. It does not vanish on examples the model predicts
+  confidently and correctly. This follows the authors' code (``logits *
+  -1`` before the cross-entropy of the true labels,
+  github.com/scarlet0703/EWC-DR ``models/ewc_dr.py``), with squares taken
+  per example as in the other modes (their code squares mini-batch
+  gradients) and without their clipping of the result at ``omegamax``.
+
   Per-example gradients are never stacked beyond ``chunk_size`` examples and
   sums are accumulated in float32. The model is read from its jaxpr (see
   :func:`engine_report`): scans over layers, remat, tied embeddings and
@@ -49,10 +59,10 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
       (BatchNorm in training mode) is refused by name.
     params: a pytree of arrays.
     inputs: a pytree of arrays with a leading example axis ``B``.
-    targets: for ``'empirical'``: integer classes ``[B, ...]`` in ``[0, C)``
-      (a concrete target outside is a ``ValueError``) or class
+    targets: for ``'empirical'`` and ``'reversed'``: integer classes ``[B, ...]``
+      in ``[0, C)`` (a concrete target outside is a ``ValueError``) or class
       probabilities (e.g. one-hot) ``[B, ..., C]``. Ignored otherwise.
-    mode: ``'empirical'``, ``'sampled'`` or ``'exact'``.
+    mode: ``'empirical'``, ``'sampled'``, ``'exact'`` or ``'reversed'``.
     key: a ``jax.random`` key, required for ``'sampled'`` (one draw per
       example and position; the draws do not depend on ``chunk_size``).
     chunk_size: examples per chunk (default: up to 1024 when every
@@ -77,7 +87,9 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
   References:
     Kirkpatrick et al., "Overcoming catastrophic forgetting in neural
     networks", PNAS 2017. Kunstner et al., "Limitations of the empirical
-    Fisher approximation", NeurIPS 2019.
+    Fisher approximation", NeurIPS 2019. Liu and Chang, "Elastic Weight
+    Consolidation Done Right for Continual Learning", CVPR 2026
+    (arXiv:2603.18596): ``'reversed'``.
   """
   check_choice(mode, MODES, "mode")
   n = num_examples(inputs)
@@ -94,9 +106,9 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
                        "(examples and positions of the logits)")
     extras["mask"] = mask.astype(jnp.float32)
 
-  if mode == "empirical":
+  if mode in ("empirical", "reversed"):
     if targets is None:
-      raise ValueError("mode='empirical' needs targets (use mode='sampled' or 'exact' without labels)")
+      raise ValueError(f"mode={mode!r} needs targets (use mode='sampled' or 'exact' without labels)")
     given, targets = targets, jnp.asarray(targets)
     if targets.ndim == 0 or targets.shape[0] != n:
       raise ValueError(f"targets have leading size {targets.shape[:1]}, but inputs have {n} examples")
@@ -108,7 +120,7 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
       raise ValueError(f"probability targets have shape {targets.shape}, expected "
                        f"{(n,) + positions + (num_classes,)}")
     extras["targets"] = targets
-    cot_fn = _score_cotangent(lambda logits, e: _as_probs(e["targets"], num_classes))
+    cot_fn = _score_cotangent(lambda logits, e: _as_probs(e["targets"], num_classes), reverse=mode == "reversed")
   elif mode == "sampled":
     if key is None:
       raise ValueError("mode='sampled' needs key=jax.random.key(...) to draw targets")
@@ -154,13 +166,16 @@ def _sampled_probs(logits, extras):
   return jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)
 
 
-def _score_cotangent(probs_fn):
-  """Cotangent of sum_t m_t sum_c q_tc log softmax(z_t)_c w.r.t. the logits z."""
+def _score_cotangent(probs_fn, reverse=False):
+  """Cotangent of sum_t m_t sum_c q_tc log softmax(s z_t)_c w.r.t. the logits z (s = -1 if reverse else 1)."""
 
   def cot_fn(logits, extras):
     z = logits.astype(jnp.float32)
     q = probs_fn(z, extras)
-    cot = q - q.sum(-1, keepdims=True) * jax.nn.softmax(z, axis=-1)
+    if reverse:  # d/dz log softmax(-z) = -(q - sum(q) softmax(-z))
+      cot = q.sum(-1, keepdims=True) * jax.nn.softmax(-z, axis=-1) - q
+    else:
+      cot = q - q.sum(-1, keepdims=True) * jax.nn.softmax(z, axis=-1)
     if "mask" in extras:
       cot = cot * extras["mask"][..., None]
     return cot[None]
