@@ -104,26 +104,32 @@ def suspect(apply_fn: Callable, params, example) -> str:
 def _moved(apply_fn: Callable, params, x) -> jax.Array:
   """Whether any example's output moves when only another example's input changes (a bool scalar).
 
-  Each of the ``k`` examples is changed in turn (``lax.map``: models with
-  primitives that have no batching rule, e.g. ``ragged_dot``, run as they are).
+  Each of the ``k`` examples is changed in turn (a ``scan``, not ``vmap``:
+  models with primitives that have no batching rule, e.g. ``ragged_dot``,
+  run as they are).
   """
   leaves, treedef = jax.tree_util.tree_flatten(x)
   is_float = [jnp.issubdtype(jnp.result_type(l), jnp.inexact) for l in leaves]
   k = jnp.shape(leaves[0])[0]
-  f = lambda *ls: apply_fn(params, jax.tree_util.tree_unflatten(treedef, ls))
-  out, lin = jax.linearize(f, *leaves) if all(is_float) else (f(*leaves), None)
+  # params are an argument of every transformed function, never closed over: a model built
+  # on nnx.scan refuses variables from another trace level
+  f = lambda p, *ls: apply_fn(p, jax.tree_util.tree_unflatten(treedef, ls))
+  out = f(params, *leaves)
   others = lambda i, a: jnp.arange(k).reshape((k,) + (1,) * (a.ndim - 1)) != i
   only = lambda i, a: ~others(i, a)
   out32 = out.astype(jnp.float32)
   rtol = SWAP_RTOL.get(jnp.dtype(out.dtype).itemsize, 1e-3)
   scale = jnp.max(jnp.abs(out32)) + 1e-30
+  zero = lambda a: (jnp.zeros_like(a) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+                    else np.zeros(jnp.shape(a), jax.dtypes.float0))
 
-  def probe(i):
+  def probe(p, i):
     moved = jnp.zeros((), bool)
-    if lin is not None:  # a tangent on example i only: the others' output tangents must be exactly zero
+    if all(is_float):  # a tangent on example i only: the others' output tangents must be exactly zero
       key = jax.random.fold_in(jax.random.key(0), i)
-      t = lin(*[jax.random.normal(jax.random.fold_in(key, j), l.shape, l.dtype) * only(i, l)
-                for j, l in enumerate(leaves)])
+      tangents = [jax.random.normal(jax.random.fold_in(key, j), l.shape, l.dtype) * only(i, l)
+                  for j, l in enumerate(leaves)]
+      _, t = jax.jvp(f, (p, *leaves), (jax.tree_util.tree_map(zero, p), *tangents))
       moved = jnp.any((jnp.abs(t) > 0) & others(i, t))
     # A finite change as well: a discrete dependence (routing, capacity) has a zero JVP.
     changed = []
@@ -134,10 +140,10 @@ def _moved(apply_fn: Callable, params, x) -> jax.Array:
         lo, hi = jnp.min(l), jnp.max(l)
         span = jnp.maximum(hi - lo + 1, 1).astype(l.dtype)
         changed.append(jnp.where(only(i, l), lo + (l - lo + 1) % span, l))
-    diff = jnp.abs(f(*changed).astype(jnp.float32) - out32)
-    return moved | jnp.any((diff > rtol * scale) & others(i, diff))
+    diff = jnp.abs(f(p, *changed).astype(jnp.float32) - out32)
+    return p, moved | jnp.any((diff > rtol * scale) & others(i, diff))
 
-  return jnp.any(jax.lax.map(probe, jnp.arange(k)))
+  return jnp.any(jax.lax.scan(probe, params, jnp.arange(k))[1])
 
 
 def _message(detail: str) -> str:
