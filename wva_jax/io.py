@@ -48,20 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wva_jax._variables import is_variable as _is_variable
+from wva_jax._variables import unwrap as _unwrap
+
 FORMAT = "wva_jax.importance"
 _RESERVED = ("format", "wva_jax_version", "wva_jax_structure")
-
-
-def _is_variable(x: Any) -> bool:
-  try:
-    from flax import nnx
-  except ImportError:
-    return False
-  return isinstance(x, nnx.Variable)
-
-
-def _unwrap(x: Any) -> Any:
-  return x.get_value() if _is_variable(x) else x
 
 
 def _key_name(k: Any) -> str | int:

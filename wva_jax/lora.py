@@ -82,6 +82,8 @@ from jax.typing import ArrayLike, DTypeLike
 
 from wva_jax._checks import check_choice, check_importance_values, check_scalar_or_schedule, check_strength
 from wva_jax._copy import fresh_tree
+from wva_jax._variables import is_variable as _is_variable
+from wva_jax._variables import unwrap as _unwrap
 from wva_jax.wva import VISCOSITIES, attenuation, check_storage_dtype, init_count, next_count, strength_at
 
 _PAIRS = (("A", "B"), ("lora_a", "lora_b"))
@@ -135,18 +137,6 @@ def _qwix_names(node: Any) -> list[str] | None:
 
 def _is_adapter(node: Any) -> bool:
   return _pair_keys(node) is not None or _qwix_names(node) is not None
-
-
-def _is_variable(x: Any) -> bool:
-  try:
-    from flax import nnx
-  except ImportError:
-    return False
-  return isinstance(x, nnx.Variable)
-
-
-def _unwrap(x: Any) -> Any:
-  return x.get_value() if _is_variable(x) else x
 
 
 def _key(k: Any) -> Any:

@@ -92,34 +92,11 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
     (arXiv:2603.18596): ``'reversed'``.
   """
   check_choice(mode, MODES, "mode")
-  n = num_examples(inputs)
-  out = check_model(apply_fn, params, inputs, "logits")
-  if len(out.shape) < 2:
-    raise ValueError(f"apply_fn must return logits [B, ..., C]; got output shape {out.shape}")
-  positions, num_classes = out.shape[1:-1], out.shape[-1]
-
-  extras = {}
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    if mask.shape != (n,) + positions:
-      raise ValueError(f"mask has shape {mask.shape}, expected {(n,) + positions} "
-                       "(examples and positions of the logits)")
-    extras["mask"] = mask.astype(jnp.float32)
-
+  n, positions, num_classes, extras = logits_and_mask(apply_fn, params, inputs, mask)
   if mode in ("empirical", "reversed"):
     if targets is None:
       raise ValueError(f"mode={mode!r} needs targets (use mode='sampled' or 'exact' without labels)")
-    given, targets = targets, jnp.asarray(targets)
-    if targets.ndim == 0 or targets.shape[0] != n:
-      raise ValueError(f"targets have leading size {targets.shape[:1]}, but inputs have {n} examples")
-    if jnp.issubdtype(targets.dtype, jnp.integer):
-      if targets.shape != (n,) + positions:
-        raise ValueError(f"integer targets have shape {targets.shape}, expected {(n,) + positions}")
-      _check_classes(given, num_classes)
-    elif targets.shape != (n,) + positions + (num_classes,):
-      raise ValueError(f"probability targets have shape {targets.shape}, expected "
-                       f"{(n,) + positions + (num_classes,)}")
-    extras["targets"] = targets
+    extras["targets"] = checked_targets(targets, n, positions, num_classes)
     cot_fn = _score_cotangent(lambda logits, e: _as_probs(e["targets"], num_classes), reverse=mode == "reversed")
   elif mode == "sampled":
     if key is None:
@@ -132,6 +109,38 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
   sums = gradient_sums(apply_fn, params, inputs, cot_fn, extras, reduce="square",
                        chunk_size=chunk_size, engine=engine)
   return jax.tree_util.tree_map(lambda s: s / n, sums)
+
+
+def logits_and_mask(apply_fn, params, inputs, mask):
+  """``(n, positions, num_classes, extras)`` of a model returning logits; ``extras`` holds the checked mask."""
+  n = num_examples(inputs)
+  out = check_model(apply_fn, params, inputs, "logits")
+  if len(out.shape) < 2:
+    raise ValueError(f"apply_fn must return logits [B, ..., C]; got output shape {out.shape}")
+  positions, num_classes = out.shape[1:-1], out.shape[-1]
+  extras = {}
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.shape != (n,) + positions:
+      raise ValueError(f"mask has shape {mask.shape}, expected {(n,) + positions} "
+                       "(examples and positions of the logits)")
+    extras["mask"] = mask.astype(jnp.float32)
+  return n, positions, num_classes, extras
+
+
+def checked_targets(targets, n: int, positions: tuple, num_classes: int):
+  """Integer classes ``[n, *positions]`` in range, or probabilities ``[n, *positions, C]``, as an array."""
+  given, targets = targets, jnp.asarray(targets)
+  if targets.ndim == 0 or targets.shape[0] != n:
+    raise ValueError(f"targets have leading size {targets.shape[:1]}, but inputs have {n} examples")
+  if jnp.issubdtype(targets.dtype, jnp.integer):
+    if targets.shape != (n,) + positions:
+      raise ValueError(f"integer targets have shape {targets.shape}, expected {(n,) + positions}")
+    _check_classes(given, num_classes)
+  elif targets.shape != (n,) + positions + (num_classes,):
+    raise ValueError(f"probability targets have shape {targets.shape}, expected "
+                     f"{(n,) + positions + (num_classes,)}")
+  return targets
 
 
 def _check_classes(targets, num_classes: int) -> None:

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wva_jax.importance._engine import check_model, gradient_sums
-from wva_jax.importance._per_example import num_examples
-from wva_jax.importance.fisher import _as_probs, _check_classes, _score_cotangent
+from wva_jax.importance._engine import gradient_sums
+from wva_jax.importance.fisher import _as_probs, _score_cotangent, checked_targets, logits_and_mask
 
 
 def grad_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None,
@@ -66,29 +65,10 @@ def grad_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None,
     >>> round(float(loss), 4), grads['w'].shape, F['w'].shape
     (1.3863, (3, 4), (3, 4))
   """
-  n = num_examples(inputs)
-  out = check_model(apply_fn, params, inputs, "logits")
-  if len(out.shape) < 2:
-    raise ValueError(f"apply_fn must return logits [B, ..., C]; got output shape {out.shape}")
-  positions, num_classes = out.shape[1:-1], out.shape[-1]
-  extras = {}
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    if mask.shape != (n,) + positions:
-      raise ValueError(f"mask has shape {mask.shape}, expected {(n,) + positions} "
-                       "(examples and positions of the logits)")
-    extras["mask"] = mask.astype(jnp.float32)
+  n, positions, num_classes, extras = logits_and_mask(apply_fn, params, inputs, mask)
   if targets is None:
     raise ValueError("grad_and_fisher needs targets (the loss is their negative log likelihood)")
-  given, targets = targets, jnp.asarray(targets)
-  if jnp.issubdtype(targets.dtype, jnp.integer):
-    if targets.shape != (n,) + positions:
-      raise ValueError(f"integer targets have shape {targets.shape}, expected {(n,) + positions}")
-    _check_classes(given, num_classes)
-  elif targets.shape != (n,) + positions + (num_classes,):
-    raise ValueError(f"probability targets have shape {targets.shape}, expected "
-                     f"{(n,) + positions + (num_classes,)}")
-  extras["targets"] = targets
+  extras["targets"] = checked_targets(targets, n, positions, num_classes)
   probs = lambda logits, e: _as_probs(e["targets"], num_classes)
   sums, score, nll = gradient_sums(apply_fn, params, inputs, _score_cotangent(probs), extras,
                                    reduce="square", chunk_size=chunk_size, value_fn=_nll(probs))
