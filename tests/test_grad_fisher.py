@@ -62,6 +62,7 @@ def test_grad_and_fisher_cnn_chunked():
   check_all(rm.cnn, params, x, jnp.arange(N) % 3, rtol=1e-4, chunk_size=3)  # 7 = 3 + 3 + 1 (padded)
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_grad_and_fisher_sequence_with_padding_mask():
   params = rm.init_seq(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (N, 5, 4))
@@ -86,6 +87,7 @@ def test_grad_and_fisher_probability_targets_equal_integer_targets():
   rm.assert_tree_close(b, a)
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_grad_and_fisher_bf16_params_give_bf16_grads_float32_fisher():
   params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), rm.init_mlp(jax.random.key(0)))
   x = jax.random.normal(jax.random.key(1), (N, 6)).astype(jnp.bfloat16)
@@ -115,6 +117,7 @@ def _batches():
   return params, fishers
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_accumulator_is_the_mean_over_equal_batches_and_example_weighted_otherwise():
   params, fishers = _batches()
   acc = wj.importance.fisher_accumulator()
@@ -200,6 +203,7 @@ def test_fisher_reversed_matches_numpy_loop():
   rm.assert_tree_close(wj.importance.fisher(_tanh_mlp, params, x, y, mode="reversed", engine="vmap"), F)
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_fisher_reversed_keeps_gradient_on_confident_correct_examples():
   params = {"w": jnp.array([[20.0, 0.0, -20.0]]), "b": jnp.zeros(3)}
   apply_fn = lambda p, x: x @ p["w"] + p["b"]
@@ -252,6 +256,7 @@ def test_loss_and_fisher_gradient_is_grad_and_fishers():
   rm.assert_tree_close(g2, jax.tree_util.tree_map(lambda g: 3 * g, ref_grads))
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_loss_and_fisher_under_nnx_value_and_grad():
   """The pattern of tunix's PeftTrainer: nnx.value_and_grad of loss_fn(model, ...) with has_aux."""
   from flax import nnx
@@ -279,6 +284,7 @@ def test_loss_and_fisher_under_nnx_value_and_grad():
   rm.assert_tree_close(nnx.to_pure_dict(F), nnx.to_pure_dict(ref_F))
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_grad_and_fisher_parameter_transform():
   """A weight used through a nonlinear function of itself (tanh(w)): the engine pulls back through it."""
   k1, k2 = jax.random.split(jax.random.key(3))

@@ -101,7 +101,8 @@ def test_fisher_sampled_averages_to_exact():
     assert np.abs(m - e).sum() / np.abs(e).sum() < 0.1
 
 
-@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow), "shared"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow),
+                                  pytest.param("shared", marks=pytest.mark.slow)])
 def test_mas_matches_loop(name):
   fn, params, shape, _ = case(name)
   x, _ = _data(shape, 3)

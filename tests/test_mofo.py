@@ -54,7 +54,8 @@ def run(tx, params, steps):
   return params, state
 
 
-@pytest.mark.parametrize("fraction,wd,min_ndim", [(0.15, 0.0, 2), (0.3, 0.1, 2), (0.5, 0.0, 0)])
+@pytest.mark.parametrize("fraction,wd,min_ndim", [(0.15, 0.0, 2), pytest.param(0.3, 0.1, 2, marks=pytest.mark.slow),
+                                                  pytest.param(0.5, 0.0, 0, marks=pytest.mark.slow)])
 def test_mofo_matches_numpy_over_steps(fraction, wd, min_ndim):
   p0 = params0()
   ours, _ = run(wj.mofo(0.05, fraction=fraction, weight_decay=wd, min_ndim=min_ndim), p0, 6)
@@ -72,6 +73,7 @@ def test_mofo_moves_exactly_the_top_fraction_per_filtered_leaf_and_all_of_a_vect
   assert int((u["b"] != 0).sum()) == 5     # 1-D leaves (biases, norm scales) are not filtered
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_mofo_fraction_one_is_adam():
   p0 = params0()
   ours, _ = run(wj.mofo(0.05, fraction=1.0), p0, 4)
