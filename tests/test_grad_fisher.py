@@ -214,6 +214,7 @@ def test_fisher_reversed_keeps_gradient_on_confident_correct_examples():
   assert float(rev["w"].sum()) > 0.5
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_fisher_reversed_sequence_with_padding_mask_matches_grad_loop():
   params = rm.init_seq(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (N, 5, 4))
@@ -241,6 +242,7 @@ def test_fisher_reversed_needs_targets():
 
 # --- the loss as a custom_vjp, for trainers that differentiate the loss themselves ------
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_loss_and_fisher_gradient_is_grad_and_fishers():
   params = rm.init_seq(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (N, 5, 4))

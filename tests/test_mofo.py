@@ -112,6 +112,7 @@ def test_mofo_rejects_bad_hyperparameters_by_name(kwargs, name):
     wj.mofo(0.1, **kwargs)
 
 
+@pytest.mark.slow  # kept out of the 3-minute default run; CI runs it
 def test_mofo_traced_fraction_equals_concrete():
   p0 = params0()
   g = grads_at(0, p0)
