@@ -88,7 +88,7 @@ def scale_by_mofo(fraction: float = DEFAULT_FRACTION, b1: float = 0.9, b2: float
 
   Args:
     fraction: share of each block's coordinates updated per step, in (0, 1];
-      may be traced (a grid of fractions in one ``vmap``ped program).
+      may be traced (a grid of fractions in one program under ``vmap``).
       Default 0.15:
       the value in the authors' scripts and README example (they recommend
       0.05-0.2; their code's argument default is 0.03).
