@@ -272,13 +272,14 @@ def _reader(files: dict[str, str]):
 
   handles: dict[str, Any] = {}
 
-  def get(name: str):
+  def handle(name: str):
     fname = files[name]
     if fname not in handles:
       handles[fname] = safe_open(fname, framework="numpy").__enter__()
-    return handles[fname].get_slice(name)
+    return handles[fname]
 
-  return get, handles
+  # whole tensors by get_tensor: safetensors 0.8 refuses to slice a 0-d tensor with [:]
+  return (lambda name: handle(name).get_slice(name)), (lambda name: handle(name).get_tensor(name)), handles
 
 
 def load_importance(path: str | os.PathLike, like: Any = None) -> Any:
@@ -314,10 +315,10 @@ def load_importance(path: str | os.PathLike, like: Any = None) -> Any:
     [0.0, 1.0, 2.0]
   """
   files, meta = _files(os.fspath(path))
-  get, handles = _reader(files)
+  get, whole, handles = _reader(files)
   try:
     if like is None:
-      arrays = {name: jnp.asarray(get(name)[:]) for name in files}
+      arrays = {name: jnp.asarray(whole(name)) for name in files}
       structure = meta.get("wva_jax_structure")
       if structure is None:   # written by another tool: a flat dict of names
         return arrays
@@ -341,10 +342,12 @@ def load_importance(path: str | os.PathLike, like: Any = None) -> Any:
                          f"shape {tuple(jnp.shape(template))}")
       sharding = getattr(template, "sharding", None)
       value: Any
-      if isinstance(sharding, jax.sharding.Sharding):
+      if isinstance(sharding, jax.sharding.Sharding) and shape:
         value = jax.make_array_from_callback(shape, sharding, partial(_read_slice, sl))
+      elif isinstance(sharding, jax.sharding.Sharding):  # a scalar: nothing to split
+        value = jax.device_put(whole(name), sharding)
       else:
-        value = jnp.asarray(sl[:])
+        value = jnp.asarray(whole(name))
       leaves.append(leaf.replace(value) if _is_variable(leaf) else value)
     treedef = jax.tree_util.tree_structure(like, is_leaf=_is_variable)
     return jax.tree_util.tree_unflatten(treedef, leaves)
