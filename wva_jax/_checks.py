@@ -74,6 +74,8 @@ def check_like_params(tree: Any, params: Any, name: str) -> None:
                        f"but the parameter has shape {jnp.shape(p)}")
 
 
+# jitted and traced outside compile-time evaluation where possible: there, the reductions'
+# constants become device arrays that jax keeps alive for good (a stray live buffer per check)
 @jax.jit
 def _device_stats(x: jax.Array) -> tuple[jax.Array, ...]:
   x = x.astype(jnp.float32)
@@ -91,8 +93,11 @@ def _value_stats(leaf: Any) -> tuple[int, int, int, np.float32]:
     # Inside an outer jit trace (a closed-over concrete importance) every jax op is
     # staged into that trace and int() of its result fails; compile-time evaluation
     # runs the reduction now, on the concrete array.
-    with jax.ensure_compile_time_eval():
-      nan, inf, neg, lo = _device_stats(leaf)
+    stats = _device_stats(leaf)
+    if isinstance(stats[0], jax.core.Tracer):
+      with jax.ensure_compile_time_eval():  # only then: its constants stay live for good
+        stats = _device_stats(leaf)
+    nan, inf, neg, lo = stats
     return int(nan), int(inf), int(neg), np.float32(lo)
   arr = np.asarray(leaf, dtype=np.float32)
   return (int(np.isnan(arr).sum()), int(np.isinf(arr).sum()), int((arr < 0).sum()),
