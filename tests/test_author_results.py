@@ -79,13 +79,15 @@ def test_draw_offset_is_the_other_draws_mean_minus_draw_0(tmp_path):
   assert SBS.draw_offset(tmp_path / "empty") is None
 
 
-def test_committed_readme_states_the_committed_replicate_results():
-  """README.md's replicate block is what `python -m experiments.side_by_side` makes of results/."""
+def test_committed_docs_state_the_committed_replicate_results():
+  """docs/study.rst's replicate block is what `python -m experiments.side_by_side` makes of results/."""
   import pathlib
-
-  from experiments import side_by_side as SBS
+  import sys
   root = pathlib.Path(__file__).resolve().parents[1]
-  text = (root / "README.md").read_text(encoding="utf-8")
-  block = text[text.index(SBS.README_BEGIN):text.index(SBS.README_END)]
-  expected = "\n".join([SBS.README_BEGIN, "", *SBS.readme_block(root / "results"), ""]) + "\n"
-  assert block == expected, "run `python -m experiments.side_by_side` and commit README.md"
+  sys.path.insert(0, str(root / "docs"))
+  try:
+    import study_tables
+  finally:
+    sys.path.pop(0)
+  assert study_tables.committed_block("replicate") == study_tables.generated("replicate", root / "results"), (
+      "run `python docs/study_tables.py` and commit docs/study.rst")

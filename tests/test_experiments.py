@@ -451,13 +451,16 @@ def test_report_writes_the_readme_study_block(tmp_path, monkeypatch):
     report.build_report(tmp_path, readme)
 
 
-def test_committed_readme_states_the_committed_results():
-  """README.md's study block is what `python -m experiments report` makes of results/."""
+def test_committed_docs_state_the_committed_results():
+  """docs/study.rst's study block is what `python -m experiments report` makes of results/."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  text = (root / "README.md").read_text(encoding="utf-8")
-  block = text[text.index(report.README_BEGIN):text.index(report.README_END)]
-  expected = "\n".join([report.README_BEGIN, "", *report.headline(root / "results"), ""]) + "\n"
-  assert block == expected, "run `python -m experiments report` and commit README.md"
+  sys.path.insert(0, str(root / "docs"))
+  try:
+    import study_tables
+  finally:
+    sys.path.pop(0)
+  assert study_tables.committed_block("study") == study_tables.generated("study", root / "results"), (
+      "run `python docs/study_tables.py` and commit docs/study.rst")
 
 
 def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):
