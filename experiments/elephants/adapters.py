@@ -26,7 +26,7 @@ import optax
 
 import wva_jax as wj
 
-LORA_METHODS = ("lora", "lora_ewc", "lora_wva")
+LORA_METHODS = ("lora", "lora_ewc", "lora_wva", "lora_mofo")
 RANK = 8
 # Adam's learning rate for the adapters: the one of 1e-3, 3e-3, 1e-2, 3e-2 that gives plain
 # LoRA the lowest ppl B on seed 0 (`python -m experiments.elephants lora_lr`, results/lora_lr.md).
@@ -83,6 +83,8 @@ def make_tx(method: str, strength, lr: float, importance) -> optax.GradientTrans
     return optax.adam(lr)
   if method == "lora_ewc":
     return optax.chain(wj.add_lora_ewc(importance, strength), optax.adam(lr))
+  if method == "lora_mofo":  # MoFO on the adapters: strength is the fraction each leaf moves
+    return wj.mofo(lr, fraction=strength)
   if method == "lora_wva":
     return optax.chain(optax.adam(lr), wj.lora_wva_scale(importance, strength))
   raise ValueError(f"method must be one of {LORA_METHODS}, got {method!r}")

@@ -29,10 +29,12 @@ def arm(r) -> str:
     return "plain Adam"
   if r["method"] == "lora":
     return "LoRA"
+  if r["method"] in ("mofo", "lora_mofo"):   # lambda is the fraction moved
+    return {"mofo": "MoFO", "lora_mofo": "LoRA + MoFO"}[r["method"]]
   name = {"wva": "WVA", "ewc": "EWC", "implicit_ewc": "implicit EWC", "lora_ewc": "LoRA + EWC",
           "lora_wva": "LoRA + WVA"}[r["method"]]
-  return f"{name}-{r['importance'].upper() if r['importance'] != 'fisher' else 'Fisher'}" + (
-      " (bf16)" if r["dtype"] == "bfloat16" else "")
+  imp = {"fisher": "Fisher", "fisher_reversed": "Fisher(reversed)"}.get(r["importance"], r["importance"].upper())
+  return f"{name}-{imp}" + (" (bf16)" if r["dtype"] == "bfloat16" else "")
 
 
 def seed_of(r) -> int:
@@ -172,7 +174,8 @@ def targets(runs, ref: str = "plain") -> dict:
 
 def origin(name: str, seed_runs) -> dict | None:
   """An arm's lambda = 0 run in one seed: plain Adam for full-weight arms, plain LoRA for LoRA + X."""
-  if name in ("plain Adam", "LoRA"):
+  # MoFO's grid is its fraction moved: plain Adam is its fraction 1, not a lambda-0 end
+  if name in ("plain Adam", "LoRA", "MoFO", "LoRA + MoFO"):
     return None
   base = "lora" if name.startswith("LoRA") else "plain"
   return next((r for r in seed_runs if r["method"] == base), None)

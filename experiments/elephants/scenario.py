@@ -51,6 +51,13 @@ class Scenario:
       ("lora", None, "float32", (0.0,)),
       ("lora_ewc", "fisher", "float32", (0.01, 0.1, 1.0, 10.0)),
       ("lora_wva", "fisher", "float32", (0.1, 1.0, 10.0, 100.0)),
+      # What users would pick instead (issue 22): EWC-DR's reversed Fisher, and MoFO (an
+      # optimizer-only rival: each leaf moves only its top-momentum fraction; the grid is that
+      # fraction, its paper's default 0.15 in the middle), on all weights and on LoRA adapters.
+      ("wva", "fisher_reversed", "float32", (1.0, 10.0, 100.0, 1000.0)),
+      ("ewc", "fisher_reversed", "float32", (0.1, 1.0, 10.0, 100.0)),
+      ("mofo", None, "float32", (0.05, 0.15, 0.5)),
+      ("lora_mofo", None, "float32", (0.05, 0.15, 0.5)),
   )
   seed: int = 0
   name: str = "scenario"
@@ -68,7 +75,10 @@ QUICK = Scenario(cfg=lm.Config(d_model=64, heads=2, layers=2, seq_len=32), pretr
                        ("wva", "fisher", "bfloat16", (10.0,)),
                        ("lora", None, "float32", (0.0,)),
                        ("lora_ewc", "fisher", "float32", (100.0,)),
-                       ("lora_wva", "fisher", "float32", (100.0,))),
+                       ("lora_wva", "fisher", "float32", (100.0,)),
+                       ("wva", "fisher_reversed", "float32", (10.0,)),
+                       ("mofo", None, "float32", (0.15,)),
+                       ("lora_mofo", None, "float32", (0.15,))),
                  name="scenario-quick")
 
 

@@ -20,7 +20,7 @@ from experiments.elephants import adapters
 from experiments.elephants import model as lm
 from experiments.optim import make_optimizer
 
-METHODS = ("plain", "ewc", "wva", "implicit_ewc")
+METHODS = ("plain", "ewc", "wva", "implicit_ewc", "mofo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +41,13 @@ def make_tx(method: str, strength, lr: float, importance_dtype=None) -> optax.Gr
   * ``wva``: ``chain(adam, wva_scale)``: Adam's increments times ``1/(1+lambda*imp)``.
   * ``implicit_ewc``: ``chain(adam, implicit_ewc)``: the proximal EWC step on Adam's
     increments, ``eta`` absorbed into ``lambda``.
+  * ``mofo``: MoFO (``wj.mofo``), Adam moving only each leaf's top-momentum
+    coordinates; ``strength`` is the fraction moved (no importance, no anchor).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method == "mofo":
+    return make_optimizer("mofo", lr, "none", strength)
   return make_optimizer("adam", lr, "none" if method == "plain" else method, strength,
                         importance_dtype=importance_dtype)
 
@@ -186,7 +190,8 @@ def importance_on_a(apply_fn, params, domain, kind: str, *, n: int = 256, chunk_
 
   ``fisher``: true Fisher, one sampled continuation per position, per
   sequence ``(d/dtheta sum_t m_t log p(y_t | x_<t))^2`` with padding masked;
-  ``fisher_emp``: the same with the real next bytes; ``mas``: gradient of
+  ``fisher_emp``: the same with the real next bytes; ``fisher_reversed``: EWC-DR's
+  logits reversal on the real next bytes (``fisher(mode='reversed')``); ``mas``: gradient of
   the squared norm of the logits; ``sig``: forward signal; padding masked in all.
   """
   x, y, m = lm.split_batch(domain.train[:n], domain.train_mask[:n])
@@ -195,6 +200,8 @@ def importance_on_a(apply_fn, params, domain, kind: str, *, n: int = 256, chunk_
                                mask=m, chunk_size=chunk_size)
   elif kind == "fisher_emp":
     imp = wj.importance.fisher(apply_fn, params, x, y, mask=m, chunk_size=chunk_size)
+  elif kind == "fisher_reversed":
+    imp = wj.importance.fisher(apply_fn, params, x, y, mask=m, mode="reversed", chunk_size=chunk_size)
   elif kind == "mas":
     imp = wj.importance.mas(apply_fn, params, x, mask=m, chunk_size=chunk_size)
   elif kind == "sig":
