@@ -1,4 +1,4 @@
-"""LoRA consolidation: EWC on the effective update A @ B and WVA on adapters (wva_jax/lora.py).
+"""LoRA consolidation: EWC on the effective update A @ B and WVA on adapters (wva_jax/lora/).
 
 References are independent of the module: the dense form
 ``strength/2 * sum F * (A @ B)^2`` differentiated by ``jax.grad``, the

@@ -6,7 +6,7 @@
 ``engine='vmap'`` is the chunked ``vmap(vjp)`` reference: it materialises
 every per-example gradient of every parameter. ``engine='factored'`` (the
 ``'auto'`` default) avoids that for the parameters it can see in the model's
-jaxpr (``_jaxpr.trace``, rules in ``_rules``), with no model rewrite and no
+jaxpr (``_trace.trace``, rules in ``_rules``), with no model rewrite and no
 loss registration:
 
 * dense (a ``dot_general`` used once, one position per example): the
@@ -43,7 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wva_jax.importance import _independence, _jaxpr, _transforms
+from wva_jax.importance import _independence, _interpret, _model_io, _trace, _transforms, _use_grads, _uses
 from wva_jax.importance._per_example import (
   DEFAULT_CHUNK_SIZE,
   chunked,
@@ -53,6 +53,8 @@ from wva_jax.importance._per_example import (
   resolve_chunk_size,
   scan_chunks,
 )
+from wva_jax.importance._reductions import _outer_sum, _per_example_reduce
+from wva_jax.importance._transforms import _transform_pullback
 
 ENGINES = ("auto", "factored", "vmap")
 # Chunk when every factored parameter is a one-position dense layer or a
@@ -71,7 +73,7 @@ class FallbackWarning(UserWarning):
 
 def _use_label(u) -> str:
   if u.prim == "dot_general":
-    return "dense" if _jaxpr.positions(u) == 1 else "dense/positions"
+    return "dense" if _use_grads.positions(u) == 1 else "dense/positions"
   return u.kind
 
 
@@ -80,7 +82,7 @@ def _outer(uses) -> bool:
   if len(uses) != 1:
     return False
   (u,) = uses
-  return u.prim == "dot_general" and _jaxpr.positions(u) == 1 and u.path.permutes
+  return u.prim == "dot_general" and _use_grads.positions(u) == 1 and u.path.permutes
 
 
 def _classify(plan, leaves) -> list[str]:
@@ -122,13 +124,13 @@ class Route:
 def _plan(apply_fn, params, inputs) -> Route:
   leaves = jax.tree_util.tree_leaves(params)
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
-  plan = _jaxpr.trace(apply_fn, params, example)
+  plan = _trace.trace(apply_fn, params, example)
   kinds = _classify(plan, leaves)
   split = _transforms.split(plan)
   if split is None:
     return Route(plan, kinds, None, kinds)
   structs = [jax.ShapeDtypeStruct(jnp.shape(l), jnp.result_type(l)) for l in leaves] + list(split.frontier)
-  g_plan = _jaxpr.trace(lambda ls, x: split.model(ls, jax.tree_util.tree_leaves(x)), structs, example)
+  g_plan = _trace.trace(lambda ls, x: split.model(ls, jax.tree_util.tree_leaves(x)), structs, example)
   g_kinds = _classify(g_plan, structs)
   report = [f"transform ({split.reasons[i]})" if i in split.reasons and not g_kinds[i].startswith("fallback")
             else g_kinds[i] for i in range(len(leaves))]
@@ -161,19 +163,19 @@ def engine_report(apply_fn, params, inputs) -> dict[str, str]:
     {'b': 'bias', 'w': 'dense'}
   """
   num_examples(inputs)
-  return dict(zip(_jaxpr.leaf_paths(params), _plan(apply_fn, params, inputs).report))
+  return dict(zip(_model_io.leaf_paths(params), _plan(apply_fn, params, inputs).report))
 
 
 def check_model(apply_fn, params, inputs, what: str = "outputs"):
   """One array of outputs, per example: the contract every estimator relies on."""
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
-  out = _jaxpr.check_output(apply_fn, params, example, what)
+  out = _model_io.check_output(apply_fn, params, example, what)
   _independence.check(apply_fn, params, inputs)
   return out
 
 
 def _warn_fallback(params, kinds):
-  names = _jaxpr.leaf_paths(params)
+  names = _model_io.leaf_paths(params)
   slow = [(n, k[len("fallback: used by "):]) for n, k in zip(names, kinds) if k.startswith("fallback")]
   if slow:
     listed = ", ".join(f"{n!r} ({why})" for n, why in slow[:8])
@@ -240,7 +242,7 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
   small = not fallback and split is None and all(
       _outer(plan.uses[i]) or all(u.additive for u in plan.uses[i]) for i in factored)
   chunk = resolve_chunk_size(chunk_size, n, DENSE_CHUNK_SIZE if small else DEFAULT_CHUNK_SIZE)
-  back = {u.site: _jaxpr.path_transpose(u.path, shapes[u.leaf]) for u in sites}
+  back = {u.site: _uses.path_transpose(u.path, shapes[u.leaf]) for u in sites}
   (x_chunks, e_chunks), valid = chunked((inputs, extras), n, chunk)
   f32 = lambda a: a.astype(jnp.float32)
 
@@ -254,16 +256,16 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
         return None
       return [None if k == u.operand else a for k, a in enumerate(invals)]
 
-    return _jaxpr.evaluate(plan, ls, [a[None] for a in x_leaves], hook, sites, eps)
+    return _interpret.evaluate(plan, ls, [a[None] for a in x_leaves], hook, sites, eps)
 
   def use_grad(u, cap, d, patches):
     """One example's gradient of the leaf through use ``u``, in the leaf's layout."""
     if u.additive:
-      g = _jaxpr.looped(u, lambda db: _jaxpr.operand_grad(u, None, db))(d)
+      g = _uses.looped(u, lambda db: _use_grads.operand_grad(u, None, db))(d)
     elif patches is not None:
-      g = _jaxpr.looped(u, lambda pb, db: _jaxpr.conv_kernel_grad(u, pb, db))(patches, d)
+      g = _uses.looped(u, lambda pb, db: _use_grads.conv_kernel_grad(u, pb, db))(patches, d)
     else:
-      g = _jaxpr.looped(u, lambda ob, db: _jaxpr.operand_grad(u, ob, db))(cap, d)
+      g = _uses.looped(u, lambda ob, db: _use_grads.operand_grad(u, ob, db))(cap, d)
     return back[u.site](g)
 
   def body(chunk_data):
@@ -279,8 +281,8 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     cots = cots.astype(out.dtype)[:, :, None]
 
     # patches of each conv's input: computed once, shared by the K directions
-    patches = {u.site: jax.vmap(_jaxpr.looped(u, lambda ob, u=u: _jaxpr.conv_patches(u, ob[0])))(
-        caps[u.site]) for i in per_ex_leaves for u in plan.uses[i] if _jaxpr.patchable(u)}
+    patches = {u.site: jax.vmap(_uses.looped(u, lambda ob, u=u: _use_grads.conv_patches(u, ob[0])))(
+        caps[u.site]) for i in per_ex_leaves for u in plan.uses[i] if _use_grads.patchable(u)}
 
     def finish(gs, extra):
       """One example's gradients of the ex_out leaves, the transforms' VJP applied."""
@@ -332,93 +334,3 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     return unflat(scan_chunks(body, init, (x_chunks, e_chunks, valid)))
   (acc, plain), value = scan_chunks(body, ([init, init], jnp.zeros((), jnp.float32)), (x_chunks, e_chunks, valid))
   return unflat(acc), unflat(plain), value
-
-def _transform_pullback(split, leaves):
-  """The transforms' outputs, and one example's map from their gradients to the leaves'.
-
-  Returns ``(frontier, pullback, pulled)``: ``pullback(grads)`` (one float32
-  gradient or ``None`` per frontier value) gives float32 gradients of the
-  leaves ``pulled`` (the float leaves the transforms read), by JAX's VJP of
-  the transforms (custom rules included), linearised once.
-  """
-  pulled = tuple(i for i in split.inputs if jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact))
-  fl = [k for k, s in enumerate(split.frontier) if jnp.issubdtype(s.dtype, jnp.inexact)]
-
-  def f(ts):
-    ls = list(leaves)
-    for i, t in zip(pulled, ts):
-      ls[i] = t
-    out = split.prologue(ls)
-    return [out[k] for k in fl]
-
-  frontier = split.prologue(list(leaves))
-  _, vjp = jax.vjp(f, [leaves[i] for i in pulled])
-
-  def pullback(grads):
-    # cotangents in the transforms' output dtype, as autodiff of the model has them
-    cts = [jnp.zeros(split.frontier[k].shape, split.frontier[k].dtype) if grads[k] is None
-           else grads[k].astype(split.frontier[k].dtype) for k in fl]
-    (gs,) = vjp(cts)
-    return [g.astype(jnp.float32) for g in gs]
-
-  return frontier, pullback, pulled
-
-
-def _sequential() -> bool:
-  """Loop over a chunk's examples (CPU) rather than batch them (accelerators).
-
-  On XLA:CPU a batched per-example contraction ``einsum('btd,bte->bde')``
-  followed by the reduction took 5.1x the chunk's weight gradient, and a
-  ``scan`` over the examples accumulating ``R(x_b^T d_b)`` 1.2x (64 examples
-  x 128 positions, 256 -> 1024, chunks of 16): each example is then one
-  plain GEMM whose result is reduced while it is in cache.
-  """
-  return jax.default_backend() == "cpu"
-
-
-def _per_example_reduce(leaves, plan, use_grad, Rs, out_shapes, caps, d, patches, extra=(), finish=None):
-  """``[sum_b R(sum_u g_{u,b}) for R in Rs]`` for each leaf, ``g_{u,b}`` its gradient through use ``u``.
-
-  ``finish(grads_b, extra_b)``, if given, maps one example's gradients of
-  ``leaves`` (and its slices of the per-example arrays ``extra``) to the
-  gradients that are reduced, shaped ``out_shapes``.
-  """
-  if not out_shapes:
-    return []
-  sites = [u.site for i in leaves for u in plan.uses[i]]
-  sel = lambda t: {s: t[s] for s in sites if s in t}
-  xs = (sel(caps), sel(d), sel(patches), list(extra))
-
-  def grads(x):
-    cap_b, d_b, p_b, e_b = x
-    gs = [sum(use_grad(u, cap_b[u.site], d_b[u.site], p_b.get(u.site)) for u in plan.uses[i])
-          for i in leaves]
-    return gs if finish is None else finish(gs, e_b)
-
-  if not _sequential():
-    return [[r(g).sum(0) for r in Rs] for g in jax.vmap(grads)(xs)]
-
-  def step(acc, x):
-    return [[a_r + r(g) for a_r, r in zip(a, Rs)] for a, g in zip(acc, grads(x))], None
-
-  init = [[jnp.zeros(s, jnp.float32) for _ in Rs] for s in out_shapes]
-  return jax.lax.scan(step, init, xs)[0]
-
-
-def _outer_sum(u, R, cap, dr):
-  """``sum_b R(x_b d_b^T)`` = the layer's own VJP on ``(R(X), sum_k R(D_k))``, per loop slice."""
-  n_loops = len(u.loops)
-  # chunk axis after the loop axes, so each loop slice sees [chunk, ...]
-  to_inner = lambda a: None if a is None else jnp.moveaxis(a, 0, n_loops)
-  rx = [None if o is None else R(_jaxpr.as_f32(to_inner(o))) for o in cap]
-  dr = to_inner(dr)
-  w0 = jnp.zeros(u.eqn.invars[u.operand].aval.shape, jnp.float32)
-
-  def one_slice(rx_l, dr_l):
-    shared = lambda w: jax.vmap(
-        lambda ob: _jaxpr.bind_f32(u, [w if k == u.operand else a for k, a in enumerate(ob)])
-    )(rx_l)
-    (gw,) = jax.vjp(shared, w0)[1](dr_l)
-    return gw
-
-  return _jaxpr.looped(u, one_slice)(rx, dr)

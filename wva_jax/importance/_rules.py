@@ -1,6 +1,6 @@
 """How the importance engine and SIG treat each primitive a parameter meets.
 
-One table, read by ``_jaxpr.trace``. A parameter leaf is followed from the
+One table, read by ``_trace.trace``. A parameter leaf is followed from the
 model's inputs through its jaxpr; at each equation that consumes it (or an
 alias of it) the rule of that equation's primitive decides:
 

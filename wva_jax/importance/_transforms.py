@@ -3,7 +3,7 @@
 A model may compute its effective weights before it meets the data:
 ``tanh(w)``, a weight norm ``g * v / ||v||``, a merged ``W + A @ B``, a
 straight-through fake-quant or a gradient scaling written as a
-``custom_jvp`` / ``custom_vjp``. The walk of ``_jaxpr.trace`` cannot see
+``custom_jvp`` / ``custom_vjp``. The walk of ``_trace.trace`` cannot see
 through such an op (it is not linear in one parameter), and differentiating
 its body would ignore a custom rule. Instead the model is split in two::
 
@@ -27,9 +27,10 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from wva_jax.importance import _jaxpr
+from wva_jax.importance import _uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _needed(eqns, outvars, given=frozenset()) -> list:
   return keep[::-1]
 
 
-def split(plan: _jaxpr.Plan) -> Split | None:
+def split(plan: _uses.Plan) -> Split | None:
   """The transform / model split of a traced model; ``None`` if no leaf needs it."""
   jaxpr, n = plan.closed.jaxpr, plan.n_leaves
   eqns = jaxpr.eqns
@@ -123,3 +124,34 @@ def split(plan: _jaxpr.Plan) -> Split | None:
     reasons.setdefault(i, "a parameter transform")
   shapes = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in frontier)  # type: ignore[attr-defined]
   return Split(prologue, model, shapes, inputs, reasons)
+
+
+def _transform_pullback(split, leaves):
+  """The transforms' outputs, and one example's map from their gradients to the leaves'.
+
+  Returns ``(frontier, pullback, pulled)``: ``pullback(grads)`` (one float32
+  gradient or ``None`` per frontier value) gives float32 gradients of the
+  leaves ``pulled`` (the float leaves the transforms read), by JAX's VJP of
+  the transforms (custom rules included), linearised once.
+  """
+  pulled = tuple(i for i in split.inputs if jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact))
+  fl = [k for k, s in enumerate(split.frontier) if jnp.issubdtype(s.dtype, jnp.inexact)]
+
+  def f(ts):
+    ls = list(leaves)
+    for i, t in zip(pulled, ts):
+      ls[i] = t
+    out = split.prologue(ls)
+    return [out[k] for k in fl]
+
+  frontier = split.prologue(list(leaves))
+  _, vjp = jax.vjp(f, [leaves[i] for i in pulled])
+
+  def pullback(grads):
+    # cotangents in the transforms' output dtype, as autodiff of the model has them
+    cts = [jnp.zeros(split.frontier[k].shape, split.frontier[k].dtype) if grads[k] is None
+           else grads[k].astype(split.frontier[k].dtype) for k in fl]
+    (gs,) = vjp(cts)
+    return [g.astype(jnp.float32) for g in gs]
+
+  return frontier, pullback, pulled

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from wva_jax.importance import _jaxpr
+from wva_jax.importance import _interpret, _model_io, _trace, _use_grads, _uses
 from wva_jax.importance._engine import FallbackWarning, check_model
 from wva_jax.importance._per_example import chunked, num_examples, resolve_chunk_size, scan_chunks
 
@@ -105,8 +105,8 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   leaves, treedef = jax.tree_util.tree_flatten(params)
   out = check_model(apply_fn, params, inputs)
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
-  plan = _jaxpr.trace(apply_fn, params, example)
-  names = _jaxpr.leaf_paths(params)
+  plan = _trace.trace(apply_fn, params, example)
+  names = _model_io.leaf_paths(params)
   floats = [i for i, l in enumerate(leaves) if jnp.issubdtype(jnp.result_type(l), jnp.inexact)]
   # integer leaves (step counters...) carry no signal: zeros. A leaf the tracer cannot
   # follow gets the magnitude rule |w| (below).
@@ -129,9 +129,9 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
 
   def signal(use, invals, out):
     if use.additive:
-      return jnp.abs(_jaxpr.as_f32(out))
+      return jnp.abs(_use_grads.as_f32(out))
     (other,) = [a for k, a in enumerate(invals) if k != use.operand]
-    return other if use.prim == "gather" else jnp.abs(_jaxpr.as_f32(other))
+    return other if use.prim == "gather" else jnp.abs(_use_grads.as_f32(other))
 
   def position_weights(m, shape, use):
     """``m`` [P...] shaped to broadcast against one iteration's signal ``shape`` (1, P..., rest)."""
@@ -152,7 +152,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
         c = c * position_weights(m, c.shape, use)
       return c, None
 
-    return _jaxpr.evaluate(plan, leaves, [a[None] for a in x_leaves], hook, sites)[1]
+    return _interpret.evaluate(plan, leaves, [a[None] for a in x_leaves], hook, sites)[1]
 
   def body(chunk_data):
     x, m, v = chunk_data
@@ -170,11 +170,11 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
           ones = ones * weights
 
         def rows(i, o):  # one iteration: the chunk's indices [chunk, ...] -> row counts
-          gather = lambda w: jax.vmap(lambda ib: _jaxpr.bind_f32(u, [w, ib]))(i)
+          gather = lambda w: jax.vmap(lambda ib: _use_grads.bind_f32(u, [w, ib]))(i)
           return jax.vjp(gather, w0)[1](o.astype(jnp.float32))[0]
 
         inner = lambda a: jnp.moveaxis(a, 0, len(u.loops))
-        acc[u.site] = _jaxpr.looped(u, rows)(inner(c), inner(ones))
+        acc[u.site] = _uses.looped(u, rows)(inner(c), inner(ones))
       else:  # op is linear in the signal too: sum |signal| over examples first
         acc[u.site] = jnp.tensordot(v, c, axes=1)
     return acc
@@ -187,10 +187,10 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
 
   imp = [jnp.zeros(jnp.shape(l), jnp.float32) for l in leaves]
   for u in sites:
-    back = _jaxpr.path_transpose(u.path, jnp.shape(leaves[u.leaf]))
+    back = _uses.path_transpose(u.path, jnp.shape(leaves[u.leaf]))
     s = sums[u.site]
     if u.additive:  # reduce |y| to the operand's shape (the add may broadcast it); sub negates
-      g = _jaxpr.looped(u, lambda sl: jnp.abs(_jaxpr.operand_grad(u, None, sl)))(s)
+      g = _uses.looped(u, lambda sl: jnp.abs(_use_grads.operand_grad(u, None, sl)))(s)
       imp[u.leaf] = imp[u.leaf] + back(g)
       continue
     if u.prim != "gather":
@@ -198,13 +198,13 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
       w0 = jnp.zeros(u.eqn.invars[u.operand].aval.shape, jnp.float32)
 
       def reach(sl):  # one iteration: total |signal| reaching each entry of the operand
-        op = lambda w: _jaxpr.bind_f32(u, [w if k == u.operand else sl for k in range(2)])
+        op = lambda w: _use_grads.bind_f32(u, [w if k == u.operand else sl for k in range(2)])
         return jax.vjp(op, w0)[1](ones)[0]
 
-      s = _jaxpr.looped(u, reach)(s)
-    w = jnp.abs(_jaxpr.as_f32(jnp.asarray(leaves[u.leaf])))
+      s = _uses.looped(u, reach)(s)
+    w = jnp.abs(_use_grads.as_f32(jnp.asarray(leaves[u.leaf])))
     imp[u.leaf] = imp[u.leaf] + w * back(s)
   imp = [i / n for i in imp]
   for i in magnitude:
-    imp[i] = jnp.abs(_jaxpr.as_f32(jnp.asarray(leaves[i])))
+    imp[i] = jnp.abs(_use_grads.as_f32(jnp.asarray(leaves[i])))
   return jax.tree_util.tree_unflatten(treedef, imp)
