@@ -523,6 +523,7 @@ def main(quick: bool = False, sizes=None, path: str | None = None):
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, ROOT)   # experiments/ is run from the checkout (the wheel installs wva_jax only)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny model, rows in $TMPDIR, nothing written to results")
   p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="sizes to run (default: all)")
