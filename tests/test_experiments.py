@@ -368,6 +368,20 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
   assert len(s.store.records()) == 12
 
 
+
+def test_benchmark_rows_go_through_the_store_with_provenance(tmp_path):
+  # What experiments/elephants/scale.py, benchmarks/elephants_1b.py and seed_author/tf_wva.py
+  # append: their own machine keys win over the provenance's, and a torn line is skipped.
+  prov = results.light_provenance("numpy", "no-such-package-here")
+  assert set(prov["versions"]) == {"python", "numpy"} and prov["git_commit"]
+  row = results.with_provenance({"arm": "wva", "machine": {"cpus": 99, "load_avg_1m": 1.5}}, prov)
+  assert row["machine"] == {**prov["machine"], "cpus": 99, "load_avg_1m": 1.5}
+  assert row["versions"] == prov["versions"] and row["arm"] == "wva"
+  store = results.ResultStore(tmp_path / "rows.jsonl")
+  store.path.write_text('{"arm": "adam"}\n{"arm": "ew')   # an old-style row, then a torn one
+  store.append(row)
+  assert [r["arm"] for r in store.records()] == ["adam", "wva"]
+
 def test_experiments_share_runs_of_common_arms(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))

@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from experiments.results import ResultStore, light_provenance, with_provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "benchmarks", "results", "elephants_scale")
 
@@ -163,20 +165,19 @@ def main(quick: bool = False):
   configs, d_model = (QUICK, 64) if quick else (FULL, 768)
   # quick runs check the pipeline: their rows go to a temp file, not the committed results
   path = (os.path.join(tempfile.gettempdir(), "elephants_scale-quick.jsonl") if quick else OUT + ".jsonl")
-  rows = []
-  if os.path.exists(path):
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+  store = ResultStore(path)
+  rows = store.records()
   done = {(r["estimator"], r["layers"], r["seq_len"], r["examples"], r["chunk_size"]) for r in rows}
+  prov = light_provenance("jax", "jaxlib", "optax", "numpy", "wva-jax")   # the children record the rest
   for c in configs:
     if tuple(c) in done:
       continue
     r = run_config(c, d_model)
     r["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_1m": os.getloadavg()[0]}
+    r = with_provenance(r, prov)
     rows.append(r)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-      f.write(json.dumps(r) + "\n")
+    store.append(r)
     print(f"{r['estimator']:6s} {r['params'] / 1e6:6.1f}M L={r['seq_len']:4d} chunk={r['chunk_size']}: "
           f"compile {r['compile_s']:.1f} s, run {r['run_s']:.1f} s, XLA temp {r['xla_temp_mib']:.0f} MiB, "
           f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
