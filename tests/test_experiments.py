@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -472,6 +473,20 @@ def test_committed_readme_states_the_committed_results():
   block = text[text.index(report.README_BEGIN):text.index(report.README_END)]
   expected = "\n".join([report.README_BEGIN, "", *report.headline(root / "results"), ""]) + "\n"
   assert block == expected, "run `python -m experiments report` and commit README.md"
+
+
+@pytest.mark.slow  # every experiment's plots are drawn again (~30 s)
+def test_committed_results_readme_is_the_reports(tmp_path):
+  """results/README.md is what `python -m experiments report` makes of the committed runs."""
+  root = pathlib.Path(__file__).resolve().parents[1] / "results"
+  shutil.copytree(root, tmp_path / "results", ignore=shutil.ignore_patterns("*.png", "README.md"))
+  out = report.build_report(tmp_path / "results")
+  assert out.read_text(encoding="utf-8") == (root / "README.md").read_text(encoding="utf-8"), (
+      "run `python -m experiments report` and commit results/README.md and its plots")
+  # an experiment outside the study shows only once it has runs of its own (rivals: none yet)
+  assert not (tmp_path / "results" / "rivals").exists() or (root / "rivals" / "runs.jsonl").exists()
+  assert {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "results").rglob("*.png")} == {
+      p.relative_to(root.parent).as_posix() for p in root.rglob("*.png")}
 
 
 def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):
