@@ -489,7 +489,11 @@ def main(quick: bool = False, sizes=None, path: str | None = None):
   sizes = list(sizes or table_sizes)
   # quick runs check the pipeline: their rows go to a temp file, not the committed results
   path = path or (os.path.join(tempfile.gettempdir(), "elephants_1b-quick.jsonl") if quick else OUT + ".jsonl")
-  rows = [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
+  from experiments.results import ResultStore, light_provenance, with_provenance
+
+  store = ResultStore(path)
+  rows = store.records()
+  prov = light_provenance("jax", "jaxlib", "optax", "numpy", "flax", "wva-jax")   # the children record the device
   done = {(r["size"], r["arm"]) for r in rows}
   for size in sizes:
     for arm in ARMS:
@@ -507,10 +511,9 @@ def main(quick: bool = False, sizes=None, path: str | None = None):
           raise SystemExit(f"{size} {arm}: would not fit (estimate {est / GB:.1f} GB, available "
                            f"{avail / GB:.1f} GB less a {MARGIN / GB:.0f} GB margin); stopped before it")
       r = run_child(size, arm, quick)
+      r = with_provenance(r, prov)
       rows.append(r)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "a") as f:
-        f.write(json.dumps(r) + "\n")
+      store.append(r)
       t = (f"run {r['run_s']:.1f} s" if arm == "fisher" else f"{r['s_per_step']:.1f} s/step")
       print(f"{size} {arm:6s}: compile {r['compile_s']:.1f} s, {t}, XLA temp {r['xla_temp_bytes'] / GB:.2f} GB, "
             f"peak RSS {r['peak_rss_bytes'] / GB:.2f} GB, load {r['load_avg_1m']}", flush=True)
@@ -523,6 +526,7 @@ def main(quick: bool = False, sizes=None, path: str | None = None):
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, ROOT)   # experiments/ is run from the checkout (the wheel installs wva_jax only)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny model, rows in $TMPDIR, nothing written to results")
   p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="sizes to run (default: all)")

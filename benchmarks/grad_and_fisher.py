@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 
+import importance as bench  # benchmarks/importance.py (the script's folder is on sys.path): models, compile_fn, timed
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,9 +37,6 @@ import numpy as np
 import wva_jax as wj
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import importance as bench  # noqa: E402  (benchmarks/importance.py: models, compile_fn, timed)
-
 zoo = bench.zoo
 # The zoo's transformers at the importance benchmark's width and depth, with a
 # training-sized batch of 16 (BENCH has 64: four times the time, same ratios).

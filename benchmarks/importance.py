@@ -36,15 +36,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import model_zoo as zoo  # benchmarks/model_zoo.py: real model classes (the script's folder is on sys.path)
 import numpy as np
-import peers as peer_lib  # benchmarks/peers.py (the script's folder is on sys.path)
+import peers as peer_lib  # benchmarks/peers.py
 
 import wva_jax as wj
 from wva_jax.importance._per_example import chunked
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-from zoo import models as zoo  # noqa: E402  (real model classes: tests/zoo/models.py)
 
 # --- models ----------------------------------------------------------------------
 
@@ -139,7 +138,7 @@ def scanned_mlp_model(n, rng, layers=4, width=256, classes=10):
 
 
 def zoo_model(builder, size=zoo.BENCH):
-  """A zoo model (tests/zoo/models.py) at benchmark size with N examples (no padding mask)."""
+  """A zoo model (benchmarks/model_zoo.py) at benchmark size with N examples (no padding mask)."""
 
   def build(n, rng):
     c = builder(dataclasses.replace(size, batch=n))
@@ -481,7 +480,7 @@ Notes
   pass with its perturbations). At short sequences it is the bound: the
   project's own `transformer 2x128 seq64` rows (T = 64) sit at 1.8-2.0x.
 - The zoo rows are model classes from the packages users install
-  (`tests/zoo/models.py` at `BENCH` size, random weights, no padding mask);
+  (`benchmarks/model_zoo.py` at `BENCH` size, random weights, no padding mask);
   the `nnx.scan(nnx.remat)` twin stacks the same blocks as `nnx transformer`.
   Scanned models keep the per-layer work inside the model's own scan.
 - The CPU was shared with other jobs (load average above): ratios come from

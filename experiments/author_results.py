@@ -46,6 +46,8 @@ import struct
 import subprocess
 import sys
 
+from experiments.stats import t975
+
 AUTHOR_REPO = "https://github.com/aakutalev/wva-empirical"
 AUTHOR_COMMIT = "f8e5dae0d3266f89f7730a62681405d4a08c0609"
 
@@ -96,11 +98,6 @@ AUTHOR_SCRIPTS = {
     "wvaMAS-adam-1x-deltas.dmp": ("model_wvaMAS_adam_1x_deltas.py",
                                   "Adam, MAS (batch-level abs), hyperbolic, increments"),
 }
-
-# Student t quantiles (two-sided 95%) by degrees of freedom, as experiments.stats.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
-        16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
 
 
 class _Dtype:
@@ -195,7 +192,7 @@ def mean_ci(values):
   if n < 2:
     return m, float("nan")
   sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-  return m, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+  return m, t975(n - 1) * sd / math.sqrt(n)
 
 
 def summarize(files: dict[str, dict[float, list[list[float]]]]) -> dict:

@@ -58,6 +58,33 @@ def provenance() -> dict:
                       "backend": jax.default_backend()}}
 
 
+def light_provenance(*packages: str) -> dict:
+  """Git commit, installed versions of ``packages`` and the machine, importing nothing.
+
+  Versions come from the installed distributions' metadata, so no JAX backend
+  starts: for a parent process whose children own the device (the benchmarks'
+  per-configuration subprocesses record their own backend) and for the seed
+  author's TensorFlow venv, which has no JAX. Packages not installed are left out.
+  """
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  versions = {"python": platform.python_version()}
+  for name in packages:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return {"git_commit": git_commit(pathlib.Path(__file__).parent), "versions": versions,
+          "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+
+
+def with_provenance(record: dict, prov: dict) -> dict:
+  """``record`` with ``prov``'s keys added; the record's own values win, its ``machine`` is merged in."""
+  out = {**prov, **record}
+  if isinstance(prov.get("machine"), dict) and isinstance(record.get("machine"), dict):
+    out["machine"] = {**prov["machine"], **record["machine"]}
+  return out
+
+
 def _clean(x):
   """JSON-safe: NaN -> None (strict JSON has no NaN)."""
   if isinstance(x, float) and math.isnan(x):

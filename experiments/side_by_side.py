@@ -19,6 +19,7 @@ import sys
 
 from experiments import stats
 from experiments.report.markdown import update_readme
+from experiments.results import ResultStore
 
 ROOT = pathlib.Path("results")
 # (setting, lambda, the author's result file, our arm name)
@@ -32,8 +33,7 @@ OUR_EXTRA = {"sig": ("WVA-SIG (SGD-grads)", "ours, with wva_jax's SIG (bias: pre
 
 
 def _jsonl(path):
-  p = pathlib.Path(path)
-  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+  return ResultStore(path).records()   # [] when there is no file yet
 
 
 def _row(label, curves, source):

@@ -205,19 +205,8 @@ class Study:
 
 
 def _bar(runs, tasks, desc, enabled):
-  """Counts finished tasks of runs (integers), displayed as runs."""
-  try:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  except ImportError:  # tqdm is an extra; run without a bar
-    enabled = False
-  if not enabled:
-    class _Null:
-      def update(self, n):
-        pass
-
-      def close(self):
-        pass
-    return _Null()
+  """Counts finished tasks of runs (integers), displayed as runs; ``enabled=False``: a silent bar."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel  (the experiments extra)
   fmt = "{l_bar}{bar}| {n:.1f}/{total:.0f} runs [{elapsed}<{remaining}]"
   return tqdm(total=runs * tasks, unit_scale=1.0 / tasks, desc=desc, bar_format=fmt,
-              file=sys.stderr, smoothing=0.1)
+              file=sys.stderr, smoothing=0.1, disable=not enabled)

@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -368,6 +369,20 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
   assert len(s.store.records()) == 12
 
 
+
+def test_benchmark_rows_go_through_the_store_with_provenance(tmp_path):
+  # What experiments/elephants/scale.py, benchmarks/elephants_1b.py and seed_author/tf_wva.py
+  # append: their own machine keys win over the provenance's, and a torn line is skipped.
+  prov = results.light_provenance("numpy", "no-such-package-here")
+  assert set(prov["versions"]) == {"python", "numpy"} and prov["git_commit"]
+  row = results.with_provenance({"arm": "wva", "machine": {"cpus": 99, "load_avg_1m": 1.5}}, prov)
+  assert row["machine"] == {**prov["machine"], "cpus": 99, "load_avg_1m": 1.5}
+  assert row["versions"] == prov["versions"] and row["arm"] == "wva"
+  store = results.ResultStore(tmp_path / "rows.jsonl")
+  store.path.write_text('{"arm": "adam"}\n{"arm": "ew')   # an old-style row, then a torn one
+  store.append(row)
+  assert [r["arm"] for r in store.records()] == ["adam", "wva"]
+
 def test_experiments_share_runs_of_common_arms(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(runner, "run_batch", _fake_run_batch(calls))
@@ -461,6 +476,20 @@ def test_committed_docs_state_the_committed_results():
     sys.path.pop(0)
   assert study_tables.committed_block("study") == study_tables.generated("study", root / "results"), (
       "run `python docs/study_tables.py` and commit docs/study.rst")
+
+
+@pytest.mark.slow  # every experiment's plots are drawn again (~30 s)
+def test_committed_results_readme_is_the_reports(tmp_path):
+  """results/README.md is what `python -m experiments report` makes of the committed runs."""
+  root = pathlib.Path(__file__).resolve().parents[1] / "results"
+  shutil.copytree(root, tmp_path / "results", ignore=shutil.ignore_patterns("*.png", "README.md"))
+  out = report.build_report(tmp_path / "results")
+  assert out.read_text(encoding="utf-8") == (root / "README.md").read_text(encoding="utf-8"), (
+      "run `python -m experiments report` and commit results/README.md and its plots")
+  # an experiment outside the study shows only once it has runs of its own (rivals: none yet)
+  assert not (tmp_path / "results" / "rivals").exists() or (root / "rivals" / "runs.jsonl").exists()
+  assert {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "results").rglob("*.png")} == {
+      p.relative_to(root.parent).as_posix() for p in root.rglob("*.png")}
 
 
 def test_report_grid_runs_fresh_seeds_at_every_lambda(tmp_path, monkeypatch):

@@ -73,7 +73,7 @@ def test_grad_and_fisher_sequence_with_padding_mask():
 
 @pytest.mark.slow
 def test_grad_and_fisher_scanned_transformer_with_padding_mask():
-  from zoo import models as zm
+  from benchmarks import model_zoo as zm
   case = zm.linen_scan_lm()
   assert case.scanned
   check_all(case.apply_fn, case.params, case.inputs, case.targets, case.mask, rtol=1e-4)

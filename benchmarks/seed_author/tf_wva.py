@@ -74,6 +74,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from experiments import data as D  # noqa: E402  (numpy only)
 from experiments import tasks as T  # noqa: E402
+from experiments.results import ResultStore, light_provenance, with_provenance  # noqa: E402  (stdlib only)
 
 AUTHOR_COMMIT = "f8e5dae0d3266f89f7730a62681405d4a08c0609"
 
@@ -291,11 +292,9 @@ def main(argv=None):
   if args.data_seed:  # keyed only when set, so the draw-0 runs keep their keys
     config["data_seed"] = args.data_seed
   config["lr"] = lr
-  done = set()
-  if out.exists():
-    for line in out.read_text().splitlines():
-      r = json.loads(line)
-      done.add((r["tag"], json.dumps(r["config"], sort_keys=True), r["seed"], r["lambda"]))
+  store = ResultStore(out)
+  done = {(r["tag"], json.dumps(r["config"], sort_keys=True), r["seed"], r["lambda"]) for r in store.records()}
+  prov = light_provenance("numpy", "tensorflow", "tensorflow-cpu")   # this venv has no JAX
   for seed in args.seeds:
     key = (args.tag, json.dumps(config, sort_keys=True), seed, args.lam)
     if key in done:
@@ -324,8 +323,7 @@ def main(argv=None):
            "R": [[None if np.isnan(v) else float(v) for v in row] for row in R],
            "wall_s": time.perf_counter() - t0, "tf_version": tf.__version__,
            "author_commit": AUTHOR_COMMIT, "data_source": source}
-    with out.open("a") as f:
-      f.write(json.dumps(rec) + "\n")
+    store.append(with_provenance(rec, prov))
     print(f"seed {seed}: final {curve[-1]:.4f} ({rec['wall_s']:.0f} s)", flush=True)
 
 

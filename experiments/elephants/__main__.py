@@ -40,8 +40,8 @@ def main(argv=None):
     from experiments.elephants import merge
     print(merge.main(args.seeds))
   elif args.command == "scale":
-    from benchmarks import elephants_scale
-    elephants_scale.main(quick=args.quick)
+    from experiments.elephants import scale
+    scale.main(quick=args.quick)
   else:
     from experiments.elephants import report
     report.main(quick=args.quick)

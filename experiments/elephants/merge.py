@@ -17,7 +17,6 @@ consolidation arms of the same seeds beside it.
 """
 from __future__ import annotations
 
-import json
 import time
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 import wva_jax as wj
 from experiments.elephants import model as lm
 from experiments.elephants import scenario, train
-from experiments.results import ResultStore
+from experiments.results import ResultStore, provenance, with_provenance
 
 ALPHAS = (0.25, 0.5, 0.75)
 EPS = 1e-8
@@ -57,6 +56,7 @@ def run_seed(sc: scenario.Scenario, store: ResultStore, log=print) -> None:
   merge = jax.jit(lambda w: wj.fisher_merge([params_a, params_b], [f_a, f_b], eps=EPS, weights=[1.0 - w, w]))
   average = jax.jit(lambda w: jax.tree_util.tree_map(lambda x, y: (1.0 - w) * x + w * y, params_a, params_b))
   rows = [("pretrained", None, params_a), ("fine-tuned (plain)", None, params_b)]
+  prov = provenance()
   for alpha in ALPHAS:
     rows.append(("average", alpha, average(jnp.float32(alpha))))
     rows.append(("fisher_merge", alpha, merge(jnp.float32(alpha))))
@@ -71,7 +71,7 @@ def run_seed(sc: scenario.Scenario, store: ResultStore, log=print) -> None:
            "fisher_b_over_a": ratio, "fine_tuned_curve_ppl": np.exp(np.asarray(curve)).tolist(),
            "config": {"model": scenario.dataclasses.asdict(sc.cfg), "schedule": scenario.dataclasses.asdict(sc.sched),
                       "pretrain_steps": sc.pretrain_steps, "importance_examples": sc.importance_examples}}
-    store.append(rec)
+    store.append(with_provenance(rec, prov))
     log(f"seed {sc.seed} {method:18s} alpha={alpha!s:5s} ppl A {rec['ppl_a']:.3f}, ppl B {rec['ppl_b']:.3f}")
 
 
@@ -104,7 +104,7 @@ def report(store: ResultStore, scenario_jsonl=scenario.RESULTS / "scenario.jsonl
     lines += ["", f"Fisher mass B / A: {rs[0]['fisher_b_over_a']:.3g}; fine-tuning {rs[0]['fine_tune_seconds']} s, "
               f"both Fishers {rs[0]['fisher_seconds']} s.", ""]
     if scenario_jsonl.exists():
-      arms = [json.loads(l) for l in scenario_jsonl.read_text().splitlines() if l.strip()]
+      arms = ResultStore(scenario_jsonl).records()
       arms = [r for r in arms if r["config"]["seed"] == seed and r["dtype"] == "float32"
               and r["method"] in ("plain", "wva", "ewc", "implicit_ewc") and r["importance"] in (None, "fisher")]
       if arms:

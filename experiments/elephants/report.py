@@ -14,11 +14,11 @@ pretrained model.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import pathlib
 
 from experiments.elephants.scenario import RESULTS
+from experiments.results import ResultStore
 from experiments.stats import mean_ci
 
 MATCH = 1.1   # matched learning: ppl B = MATCH x plain fine-tuning's, per seed
@@ -43,7 +43,10 @@ def seed_of(r) -> int:
 
 
 def load(path: pathlib.Path) -> list[dict]:
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  """The runs in ``path`` (``ResultStore``: a line torn by a crash is skipped); FileNotFoundError if none."""
+  if not path.exists():
+    raise FileNotFoundError(path)
+  return ResultStore(path).records()
 
 
 def pareto(points):

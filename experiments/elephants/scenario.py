@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import pathlib
 import pickle
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from experiments.elephants import adapters, data, train
 from experiments.elephants import model as lm
+from experiments.results import ResultStore, provenance, with_provenance
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -144,7 +144,7 @@ def done_keys(out: pathlib.Path) -> set:
   """``run_key`` of every run already in ``out`` (empty when there is no file yet)."""
   if not out.exists():
     return set()
-  return {run_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+  return {run_key(r) for r in ResultStore(out).records()}
 
 
 def todo(sc: Scenario, done: set) -> list:
@@ -207,6 +207,7 @@ def run(sc: Scenario = Scenario(), log=print, out: pathlib.Path | None = None):
     return out
   a, b, apply_fn, params, pre, tag = prepare(sc, log)
   train_b, eval_a, eval_b = _arrays(sc, a, b)
+  store, prov = ResultStore(out), provenance()
   for method, kind, dtype, lams in left:
     imp, imp_seconds = (None, 0.0) if kind is None else importance(sc, apply_fn, params, a, kind, tag, log)
     fn = train.make_run(apply_fn, method, sc.sched, None if dtype == "float32" else jnp.dtype(dtype))
@@ -226,9 +227,7 @@ def run(sc: Scenario = Scenario(), log=print, out: pathlib.Path | None = None):
                         "data": {"A": {"source": a.source, "sha256": a.sha256, "train": len(a.train)},
                                  "B": {"source": b.source, "sha256": b.sha256, "train": len(b.train)}},
                         "pretrain_seconds": pre["seconds"], "pretrain_final_nll": pre["history"][-1]}}
-      out.parent.mkdir(parents=True, exist_ok=True)
-      with open(out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+      store.append(with_provenance(rec, prov))
       log(f"seed {sc.seed} {method:13s} {str(kind):7s} {dtype:8s} lambda={s:<7g} ppl A {rec['ppl_a'][0]:.2f} -> "
           f"{rec['ppl_a'][-1]:.2f}, ppl B {rec['ppl_b'][0]:.2f} -> {rec['ppl_b'][-1]:.2f} "
           f"({rec['seconds']:.0f} s)")

@@ -43,8 +43,10 @@ def build_report(root="results", readme=None) -> pathlib.Path:
   lines = markdown.results_header() + study_cost(root)
   # A study experiment reports every run of its design, wherever it was made
   # (it may have no runs.jsonl of its own when other experiments made them all).
+  # One outside the study (in_study=False) gets a section once it has runs of its
+  # own: before that, the runs it shares (its baselines) would pass for its results.
   experiments = analysis.EXPERIMENTS
-  names = sorted({p.parent.name for p in root.glob("*/runs.jsonl")} | set(experiments))
+  names = sorted({p.parent.name for p in root.glob("*/runs.jsonl")} | set(analysis.study_experiments()))
   for name in names:
     exp = experiments.get(name)
     records = (experiment_records(exp, root) if exp is not None

@@ -1,6 +1,6 @@
 """Importance on model code users have: the factored engine against the vmap reference.
 
-Every model comes from an installed package (``tests/zoo/models.py``). For
+Every model comes from an installed package (``benchmarks/model_zoo.py``). For
 each: no parameter leaf leaves the fast path; empirical and sampled Fisher
 (same per-example keys) and MAS equal the ``engine='vmap'`` reference
 (per-example ``vjp``, the model differentiated by JAX itself) element-wise
@@ -16,7 +16,7 @@ from compare import assert_tree_close
 from compare import leaf_rel_err as rel_err
 
 import wva_jax as wj
-from zoo import models as zm
+from benchmarks import model_zoo as zm
 
 pytestmark = pytest.mark.slow
 

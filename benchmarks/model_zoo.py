@@ -6,7 +6,7 @@ targets and, for sequence models, a padding mask ``[B, T]``. Nothing here
 re-implements a model: the layers come from flax (NNX and Linen),
 transformers' Flax classes (transformers 4.57.6, the last release that ships
 them; tiny configs, no hub access), equinox and haiku. ``size`` scales the
-models up for ``benchmarks/importance.py``.
+models up for ``benchmarks/importance.py``; tests/zoo tests the engine on them.
 """
 from __future__ import annotations
 
