@@ -131,7 +131,8 @@ def main(argv=None) -> None:
     readme = (readme if args.out is None and readme.exists()
               and report.README_BEGIN in readme.read_text(encoding="utf-8") else None)
     print(f"wrote {report.build_report(pathlib.Path(args.out or 'results'), readme)}"
-          + (f" and the study block of {readme}" if readme else ""))
+          + (f" and the study block of {readme}" if readme else "")
+          + "; docs/study.rst's copy of the summary: python docs/study_tables.py")
     return
   exp = configure(args)
   if args.name == "quickstart":
