@@ -46,6 +46,7 @@ CONFIGS = (
     ("adam", "none", None), ("adam", "wva", None), ("adam", "wva", "bfloat16"),
     ("adam", "ewc", None), ("adam", "ewc", "bfloat16"),
     ("adam", "implicit_ewc", None),
+    ("mofo", "none", None),   # issue 22's optimizer-only rival: Adam's state, no importance or anchor
 )
 
 
@@ -173,8 +174,8 @@ def measure_lora(apply_fn, params, batch, method: str) -> dict:
   held = live_bytes() - base_live + p   # the base was live before: count it, as in the full-weight rows
   del a2, s2, loss
   return {"name": {"lora": f"adam, LoRA rank {adapters.RANK}", "lora_ewc": "adam, LoRA + lora_ewc",
-                   "lora_wva": "adam, LoRA + lora_wva"}[method],
-          "optimizer": "adam", "consolidation": method, "importance_dtype": "float32",
+                   "lora_wva": "adam, LoRA + lora_wva", "lora_mofo": "mofo, LoRA"}[method],
+          "optimizer": "mofo" if method == "lora_mofo" else "adam", "consolidation": method, "importance_dtype": "float32",
           **{f"{k}_bytes": v for k, v in live.items()},
           "adapter_bytes": nbytes(ad),
           "state_multiple": sum(live.values()) / p, "consolidation_multiple": live["consolidation"] / p,
