@@ -45,7 +45,8 @@ from flax import nnx  # noqa: E402
 
 import wva_jax as wj  # noqa: E402
 
-pytestmark = pytest.mark.slow   # every case compiles a transformer several times
+pytestmark = [pytest.mark.slow,   # every case compiles a transformer several times
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]   # tunix's Variable.value
 
 B, L, V = 4, 8, 37
 RTOL = 1e-4
@@ -193,6 +194,19 @@ def qat_mlp():
   return _nnx_case("qwix QAT MLP", model, lambda m, t: m(t), seed=3, fallback=r"/kernel$")
 
 
+def qat_mlp_bwd_per_tensor():
+  """qwix QAT with int8 gradients in the backward pass (bwd_qtype) and per-tensor scales
+  (disable_channelwise_axes): the cotangent reaching l1 and the embedding is quantised with
+  one absmax over the whole tensor, batch axis included (it moves the loop's Fisher of
+  l1/bias and the embedding by 1-2%), so a batched backward would mix examples there; the
+  forward pass stays per example (weight-only quantisation)."""
+  tok, _, _ = _data(3)
+  provider = qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, bwd_qtype=jnp.int8,
+                                          disable_channelwise_axes=True)])
+  model = qwix.quantize_model(_TokenMLP(nnx.Rngs(3)), provider, tok)
+  return _nnx_case("qwix QAT MLP int8 grads per-tensor", model, lambda m, t: m(t), seed=3, fallback=r"/kernel$")
+
+
 def qat_qwen3():
   """qwix QAT (int8 weights) on the tiny tunix Qwen3: every Einsum goes through qwix's QT einsum."""
   tok, _, _ = _data(4)
@@ -201,7 +215,7 @@ def qat_qwen3():
   return _nnx_case("qwix QAT Qwen3", model, _qwen3_call, seed=4, fallback=r"(_proj/(w|kernel)|lm_head/w)$")
 
 
-ALL = [qwen3, qwen3_tied_cache, qwen3_moe, qwen3_remat, gemma3, qat_mlp, qat_qwen3]
+ALL = [qwen3, qwen3_tied_cache, qwen3_moe, qwen3_remat, gemma3, qat_mlp, qat_mlp_bwd_per_tensor, qat_qwen3]
 BF16 = [qwen3_bf16, gemma3_bf16]
 
 
@@ -318,7 +332,19 @@ def test_llm_matches_loop_and_vmap(build, record_property):
   _assert_close(fast, ref_vmap, RTOL, case.atol_frac)
 
 
-@pytest.mark.parametrize("build", ALL, ids=[b.__name__ for b in ALL])
+QWIX_BWD_PER_TENSOR_BUG = (
+    "wrong number, not a refusal: qwix QT with bwd_qtype=int8 and disable_channelwise_axes=True, "
+    "fisher() under jax.jit with the parameters closed over: the embedding's Fisher (its gradient "
+    "passes through l1's quantised dlhs) is 1.1% off the one-example loop, on engine='auto' AND "
+    "engine='vmap' (chunk_size=1 is exact; eager and jit-with-params-as-arguments are exact). "
+    "Plain jax.vmap(jax.grad) shows the same coupling (test_qwix_per_tensor_grad_quant_under_vmap): "
+    "the per-tensor gradient scale is not per example under vmap, and the engine's "
+    "independence check only sees the forward pass")
+CLOSED_OVER = [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=QWIX_BWD_PER_TENSOR_BUG))
+               if b is qat_mlp_bwd_per_tensor else b for b in ALL]
+
+
+@pytest.mark.parametrize("build", CLOSED_OVER, ids=[b.__name__ for b in ALL])
 def test_llm_fisher_under_jit_params_closed_over(build):
   """fisher() inside the user's jax.jit, the parameters closed over as constants, not arguments."""
   case, ref_loop = _case_and_loop(build.__name__)
@@ -368,3 +394,51 @@ def test_qat_forward_is_quantised():
   z_qat, z_float = case.apply_fn(case.params, case.inputs), float_model(case.inputs)
   gap = float(jnp.abs(z_qat - z_float).max() / jnp.abs(z_float).max())
   assert 1e-4 < gap < 5e-2, gap
+
+
+def test_qat_per_tensor_activation_quantisation_is_refused_by_name():
+  """act_qtype with per-tensor scales: one absmax over the batch couples the examples' forward
+  passes. Refused, naming the primitive; under the user's jit the same message arrives inside
+  a JaxRuntimeError (the check runs in a host callback)."""
+  tok, y, _ = _data(3)
+  provider = qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8,
+                                          disable_channelwise_axes=True)])
+  case = _nnx_case("qat act per-tensor", qwix.quantize_model(_TokenMLP(nnx.Rngs(3)), provider, tok),
+                   lambda m, t: m(t), seed=3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", wj.importance.FallbackWarning)
+    with pytest.raises(ValueError, match=r"mixes examples.*'reduce_max'"):
+      wj.importance.fisher(case.apply_fn, case.params, case.inputs, case.targets)
+    with pytest.raises(Exception, match=r"(?s)mixes examples.*'reduce_max'"):
+      jax.jit(lambda p, x, t: wj.importance.fisher(case.apply_fn, p, x, t))(case.params, case.inputs, case.targets)
+
+
+def test_gemma3_needs_an_attention_mask():
+  """Argument combination that does not trace: tunix's Gemma3 with attention_mask=None fails in
+  tunix itself (jnp.ones_like(None) in the sliding-window branch), before the engine sees it.
+  (Qwen3 with attention_mask=None, segment_ids, output_hidden_states=True or a token-padding
+  mask all trace and take the fast path.)"""
+  model = tunix_gemma3.Gemma3(_gemma3_config(param_dtype=jnp.float32), rngs=nnx.Rngs(2))
+  case = _nnx_case("gemma3 no mask", model, lambda m, t: m(t, _positions(t), None, None)[0])
+  with pytest.raises(TypeError, match="ones_like"):
+    wj.importance.engine_report(case.apply_fn, case.params, case.inputs)
+
+
+@pytest.mark.xfail(strict=True, reason="qwix QT per-tensor gradient quantisation (bwd_qtype, "
+                   "disable_channelwise_axes=True) is not per example under jax.vmap: vmap(grad) != a "
+                   "loop of grad (1e-3 eager, 1e-2 under jit); upstream of wva-jax, the cause of the "
+                   "xfail in test_llm_fisher_under_jit_params_closed_over[qat_mlp_bwd_per_tensor]")
+def test_qwix_per_tensor_grad_quant_under_vmap():
+  """Minimal reproducer without wva-jax: per-example embedding gradients by jax.vmap(jax.grad)
+  against a Python loop of jax.grad, on the qwix QAT MLP with int8 per-tensor gradients."""
+  case, _ = _case_and_loop("qat_mlp_bwd_per_tensor")
+
+  def loss(p, tokens):   # one example
+    return jnp.sum(case.apply_fn(p, tokens[None]) ** 2)
+
+  def emb(gr):
+    return np.asarray(gr["emb"]["embedding"][...])
+
+  loop = np.stack([emb(jax.grad(loss)(case.params, case.inputs[b])) for b in range(B)])
+  per_ex = jax.jit(lambda x: jax.vmap(lambda xb: jax.grad(loss)(case.params, xb))(x))(case.inputs)
+  np.testing.assert_allclose(emb(per_ex), loop, rtol=1e-4, atol=1e-6 * np.abs(loop).max())
