@@ -175,7 +175,8 @@ def measure_lora(apply_fn, params, batch, method: str) -> dict:
   del a2, s2, loss
   return {"name": {"lora": f"adam, LoRA rank {adapters.RANK}", "lora_ewc": "adam, LoRA + lora_ewc",
                    "lora_wva": "adam, LoRA + lora_wva", "lora_mofo": "mofo, LoRA"}[method],
-          "optimizer": "mofo" if method == "lora_mofo" else "adam", "consolidation": method, "importance_dtype": "float32",
+          "optimizer": "mofo" if method == "lora_mofo" else "adam", "consolidation": method,
+          "importance_dtype": "float32",
           **{f"{k}_bytes": v for k, v in live.items()},
           "adapter_bytes": nbytes(ad),
           "state_multiple": sum(live.values()) / p, "consolidation_multiple": live["consolidation"] / p,
