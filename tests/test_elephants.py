@@ -81,7 +81,7 @@ EXPECTED = {("sgd", "none", None): 1.0, ("sgd", "wva", None): 2.0, ("sgd", "wva"
             ("sgd", "ewc", None): 3.0, ("sgd", "ewc", "bfloat16"): 2.5,
             ("adam", "none", None): 3.0, ("adam", "wva", None): 4.0, ("adam", "wva", "bfloat16"): 3.5,
             ("adam", "ewc", None): 5.0, ("adam", "ewc", "bfloat16"): 4.5,
-            ("adam", "implicit_ewc", None): 5.0}
+            ("adam", "implicit_ewc", None): 5.0, ("mofo", "none", None): 3.0}   # MoFO: Adam's moments
 
 
 @pytest.mark.slow
@@ -269,7 +269,7 @@ def test_lora_memory_rows_agree_three_ways_and_with_the_shapes():
   for row in res["rows"]:
     assert row["adapter_bytes"] == adapter and row["params_bytes"] == p + adapter
     assert row["optimizer_bytes"] == pytest.approx(2 * adapter, abs=16)   # Adam's mu, nu (+ its step count)
-    assert row["consolidation_bytes"] == (0 if row["consolidation"] == "lora" else importance)
+    assert row["consolidation_bytes"] == (0 if row["consolidation"] in ("lora", "lora_mofo") else importance)
     # leaf count, the compiled donated step's arguments and the live arrays after two donated steps
     assert row["compiled_state_multiple"] == pytest.approx(row["state_multiple"], abs=1e-3), row["name"]
     assert row["live_after_donated_steps_multiple"] == pytest.approx(row["state_multiple"], abs=1e-3), row["name"]
