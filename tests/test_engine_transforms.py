@@ -121,6 +121,10 @@ MODELS = {
     "bf16 cast after a transform": lambda p, x: (x.astype(jnp.bfloat16) @ jnp.tanh(p["w"]).astype(jnp.bfloat16)
                                                  ).astype(jnp.float32) + p["b"],
     "custom rule in the activation path": lambda p, x: gated(x, p["w"]) @ p["u"].T @ p["u"] + p["b"],
+    # issue 19's "common linear ops on weights": a scale by a constant divisor, a static window
+    # of a larger table (dynamic_slice at constant offsets), a negated bias
+    "div by a constant and dynamic_slice": lambda p, x: (
+        x @ (p["w"] / 3.0) + jax.lax.dynamic_slice(p["a"] @ p["u"], (1, 0), (1, C))[0] - p["b"]),
 }
 
 
@@ -153,6 +157,9 @@ def test_report_names_transforms_and_no_fallback_for_them():
   report = wj.importance.engine_report(MODELS["weight norm"], params, x)
   assert report["w"].startswith("transform") and report["g"].startswith("transform"), report
   assert report["b"] == "bias"
+  # a divisor or a window at constant offsets is a parameter transform, on the fast path
+  report = wj.importance.engine_report(MODELS["div by a constant and dynamic_slice"], params, x)
+  assert report["w"] == "transform (div)" and report["a"].startswith("transform"), report
   with warnings.catch_warnings():
     warnings.simplefilter("error", wj.importance.FallbackWarning)
     wj.importance.fisher(MODELS["straight-through fake-quant (custom_jvp)"], params, x, _data()[2])
