@@ -82,12 +82,8 @@ def test_draw_offset_is_the_other_draws_mean_minus_draw_0(tmp_path):
 def test_committed_docs_state_the_committed_replicate_results():
   """docs/study.rst's replicate block is what `python -m experiments.side_by_side` makes of results/."""
   import pathlib
-  import sys
+
+  from docs import study_tables  # docs/ is importable from the checkout (pytest's pythonpath)
   root = pathlib.Path(__file__).resolve().parents[1]
-  sys.path.insert(0, str(root / "docs"))
-  try:
-    import study_tables
-  finally:
-    sys.path.pop(0)
   assert study_tables.committed_block("replicate") == study_tables.generated("replicate", root / "results"), (
       "run `python docs/study_tables.py` and commit docs/study.rst")

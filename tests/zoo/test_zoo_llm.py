@@ -28,8 +28,6 @@ import functools
 import re
 import time
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
@@ -44,6 +42,7 @@ from compare import assert_tree_close, leaf_rel_err  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import wva_jax as wj  # noqa: E402
+from benchmarks import model_zoo  # noqa: E402
 
 pytestmark = [pytest.mark.slow,   # every case compiles a transformer several times
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]   # tunix's Variable.value
@@ -57,13 +56,8 @@ KEY = jax.random.key(7)
 
 
 @dataclasses.dataclass
-class Case:
-  name: str
-  apply_fn: Callable
-  params: Any
-  inputs: Any
-  targets: Any
-  mask: Any
+class Case(model_zoo.Case):
+  """The zoo's case, with this file's tolerance and the leaves expected to fall back."""
   atol_frac: float = 1e-6
   # regex of the leaf paths the engine must send to its per-example vjp fallback (None: no leaf)
   fallback: str | None = None
