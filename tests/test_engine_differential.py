@@ -3,7 +3,7 @@
 Hypothesis draws small models from random layer kinds (dense over one or
 several positions, 1-D convolutions with random stride, dilation, padding
 and groups, embeddings, tied and shared weights, float and integer casts,
-scales and biases, a scan over stacked layers or over a closed-over weight,
+scales and biases, a scan over stacked layers or over a closed-over weight (nested, and a recurrent cell over time),
 parameter transforms (tanh, weight norm, negation, custom_jvp rules: a
 straight-through fake-quant and a gradient scaling), a custom_vjp reading
 data and weight, per-position weights, a concatenated token, a parameter as
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from compare import assert_tree_close
 from compare import leaf_rel_err as rel_err
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import wva_jax as wj
@@ -36,7 +36,9 @@ LAYERS = ("dense", "dense_t", "conv", "shared", "bf16_cast", "int_cast", "scale"
           # parameter transforms and custom rules (issue 19)
           "ste_weight", "scaled_grad_weight", "weight_norm", "neg_weight", "custom_vjp_act",
           # parameter-side batch dims, a concatenated token, a parameter as a scan carry
-          "per_position_weight", "concat_token", "scan_carry")
+          "per_position_weight", "concat_token", "scan_carry",
+          # recurrent weights closed over by a time scan (their loop sum is one contraction)
+          "rnn", "scan_const_nested")
 # kinds whose weight is differentiated the general way (per-example vjp of that leaf)
 FALLBACK = ("custom_vjp_act", "scan_carry")
 
@@ -64,6 +66,9 @@ def _gated(h, w):
 
 _gated.defvjp(lambda h, w: (jnp.tanh(h @ w), (h, w)),
               lambda r, g: (0.5 * g @ r[1].T, 0.5 * jnp.einsum("...i,...j->ij", r[0], g)))
+
+
+_CONV = dict(stride=1, dilation=1, groups=1, pad="SAME")
 
 
 @st.composite
@@ -156,6 +161,17 @@ def build(spec):
           return c, c
         _, hs = jax.lax.scan(cell, jnp.broadcast_to(w, (h.shape[0], D)), jnp.swapaxes(h, 0, 1))
         h = jnp.swapaxes(hs, 0, 1)
+      elif kind == "rnn":  # a recurrent cell over time: w read by the input and (transposed) the state
+        def rnn_cell(c, xt):
+          c = jnp.tanh(xt @ w + c @ w.T)
+          return c, c
+        _, hs = jax.lax.scan(rnn_cell, jnp.zeros((h.shape[0], D)), jnp.swapaxes(h, 0, 1))
+        h = jnp.swapaxes(hs, 0, 1)
+      elif kind == "scan_const_nested":  # closed over by two nested scans, transposed inside
+        def outer(c, _):
+          c, _ = jax.lax.scan(lambda c2, _: (jnp.tanh(c2 @ w.T), None), c, None, length=2)
+          return c, None
+        h, _ = jax.lax.scan(outer, h, None, length=2)
     head = p["in"].T if spec["tied"] else p["head"]
     if spec["tied"]:
       return h @ head  # logits over the vocabulary
@@ -178,6 +194,11 @@ def build(spec):
           phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
 @given(specs())
+# the recurrent kinds for certain, tokens and not, with a causal conv and a shared weight beside
+@example(dict(tokens=True, layers=["rnn", "shared", "scan_const_nested"], convs=[_CONV] * 3, tied=True,
+              seq=6, seed=1))
+@example(dict(tokens=False, layers=["conv", "rnn"], convs=[dict(_CONV, pad="CAUSAL")] * 2, tied=False,
+              seq=7, seed=2))
 def test_random_models_engine_equals_reference(spec):
   apply_fn, params, x, y, mask = build(spec)
 

@@ -264,6 +264,8 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
       g = _uses.looped(u, lambda db: _use_grads.operand_grad(u, None, db))(d)
     elif patches is not None:
       g = _uses.looped(u, lambda pb, db: _use_grads.conv_kernel_grad(u, pb, db))(patches, d)
+    elif _use_grads.closed_over(u):  # already summed over the loop, in the leaf's layout
+      return _use_grads.closed_over_grad(u, cap, d, shapes[u.leaf])
     else:
       g = _uses.looped(u, lambda ob, db: _use_grads.operand_grad(u, ob, db))(cap, d)
     return back[u.site](g)

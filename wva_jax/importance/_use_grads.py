@@ -11,6 +11,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
+from wva_jax.importance import _uses
 from wva_jax.importance._uses import Use
 
 
@@ -48,6 +49,34 @@ def operand_grad(use: Use, others, d):
 
   w0 = jnp.zeros(avals[use.operand].shape, jnp.float32)
   return jax.vjp(op, w0)[1](d.astype(jnp.float32))[0]
+
+
+def closed_over(use: Use) -> bool:
+  """A use inside loops whose parameter is closed over by every one of them (no stacked axis).
+
+  A recurrent cell's weights in a time scan: the same operand in every
+  iteration, so the loop axes are positions of one example.
+  """
+  return bool(use.loops) and all(s[0] in ("bind", "const") for s in use.path.steps)
+
+
+def closed_over_grad(use: Use, others, d, leaf_shape):
+  """One example's gradient of a ``closed_over`` use's leaf: the loop sum as one contraction.
+
+  The layout ops on the path are hoisted out of the loops (they see the same
+  value in every iteration) and the operand is left unbatched under ``vmap``,
+  so the VJP contracts over the loop axes, ``X^T D`` with the iterations as
+  rows, instead of forming one ``x_t d_t^T`` per iteration and summing.
+  """
+  layout = _uses.path_fn(_uses.Path(tuple(s for s in use.path.steps if s[0] == "bind")))
+
+  def f(w):
+    wl = layout(w)
+    op = lambda ob: bind_f32(use, [wl if k == use.operand else as_f32(o) for k, o in enumerate(ob)])
+    return _uses.looped(use, op)(others)
+
+  w0 = jnp.zeros(leaf_shape, jnp.float32)
+  return jax.vjp(f, w0)[1](d.astype(jnp.float32))[0]
 
 
 def patchable(use: Use) -> bool:
