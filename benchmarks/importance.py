@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -75,14 +76,33 @@ class CNN(nn.Module):
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
+@jax.custom_vjp
+def _ruled_matmul(x, w):
+  return x @ w
+
+
+# The plain matmul's own VJP, behind a custom rule (as a fake-quant or gradient-clipping
+# dot_general of qwix / AQT has one): the engine cannot see through it, so the kernel takes
+# the per-leaf path (one per-example vjp restricted to that leaf).
+_ruled_matmul.defvjp(lambda x, w: (x @ w, (x, w)),
+                     lambda r, g: (g @ r[1].T, jnp.einsum("...i,...j->ij", r[0], g)))
+
+
+def ruled_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """``flax.linen.Dense(dot_general=...)`` with a custom VJP (Dense contracts lhs's last axis)."""
+  return _ruled_matmul(lhs, rhs)
+
+
 class Block(nn.Module):
   d: int
   heads: int
+  ruled: bool = False  # the MLP's first kernel behind a custom rule: a per-leaf (fallback) leaf
 
   @nn.compact
   def __call__(self, x, mask):
     x = x + nn.SelfAttention(num_heads=self.heads)(nn.LayerNorm()(x), mask=mask)
-    h = nn.Dense(4 * self.d)(nn.LayerNorm()(x))
+    dense = nn.Dense(4 * self.d, dot_general=ruled_dot_general) if self.ruled else nn.Dense(4 * self.d)
+    h = dense(nn.LayerNorm()(x))
     return x + nn.Dense(self.d)(jax.nn.gelu(h))
 
 
@@ -92,14 +112,15 @@ class Transformer(nn.Module):
   heads: int = 4
   layers: int = 2
   seq: int = 64
+  ruled_blocks: int = 0  # the first blocks whose MLP kernel is behind a custom rule
 
   @nn.compact
   def __call__(self, tokens):
     pos = self.param("pos", nn.initializers.normal(0.02), (self.seq, self.d))
     x = nn.Embed(self.vocab, self.d)(tokens) + pos[None, :tokens.shape[1]]
     mask = nn.make_causal_mask(tokens)
-    for _ in range(self.layers):
-      x = Block(self.d, self.heads)(x, mask)
+    for i in range(self.layers):
+      x = Block(self.d, self.heads, ruled=i < self.ruled_blocks)(x, mask)
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
@@ -116,8 +137,8 @@ def cnn_model(n, rng):
   return m.apply, params, x, jnp.asarray(rng.integers(0, 10, n))
 
 
-def transformer_model(n, rng):
-  m = Transformer()
+def transformer_model(n, rng, ruled_blocks=0):
+  m = Transformer(ruled_blocks=ruled_blocks)
   x = jnp.asarray(rng.integers(0, m.vocab, (n, m.seq)))
   params = fill(jax.eval_shape(m.init, jax.random.key(0), x[:1]), rng)
   return m.apply, params, x, jnp.asarray(rng.integers(0, m.vocab, (n, m.seq)))
@@ -160,6 +181,11 @@ MODELS = {
                                 ("fisher (empirical)", "mas", "sig")),
     "transformer 2x128 seq64": (transformer_model, 256, 16, (16, 32, 64), 8,
                                 ("fisher (empirical)", "mas", "sig")),
+    # the same with one kernel (block 0's MLP up-projection, 128x512) behind a custom VJP:
+    # what one leaf on the per-leaf (fallback) path costs
+    "transformer 2x128 seq64, one kernel behind a custom_vjp (per-leaf path)": (
+        functools.partial(transformer_model, ruled_blocks=1), 256, 16, (16, 32, 64), 8,
+        ("fisher (empirical)", "mas", "sig")),
     # the zoo: model classes from the packages users install
     f"nnx transformer, tied ({LM})": (zoo_model(zoo.nnx_transformer), 64, 8, (16,), 8, LM_ESTS),
     f"nnx.scan(nnx.remat) twin, tied ({LM})": (zoo_model(zoo.nnx_scan_transformer), 64, 8, (16,), 8,
@@ -186,8 +212,11 @@ MODELS = {
     f"linen WeightNorm(Conv) CNN ({CONV})": (zoo_model(zoo.linen_weightnorm_cnn), 128, 8, (32,), 16,
                                              LM_ESTS),
     f"linen RNN(LSTMCell) LM ({LM})": (zoo_model(zoo.linen_lstm), 64, 8, (16,), 8, LM_ESTS),
-    f"HF FlaxViTForImageClassification, cls token ({CONV})": (zoo_model(zoo.hf_vit), 128, 8, (32,), 16,
-                                                              LM_ESTS),
+    f"linen RNN(GRUCell) x2 LM ({LM})": (zoo_model(zoo.linen_gru), 64, 8, (16,), 8, LM_ESTS),
+    f"HF FlaxViTForImageClassification, cls token ({CONV}, 4+1 tokens)": (
+        zoo_model(zoo.hf_vit), 128, 8, (32,), 16, LM_ESTS),
+    f"HF FlaxViTForImageClassification, cls token ({CONV}, patch 4: 64+1 tokens)": (
+        zoo_model(zoo.hf_vit, dataclasses.replace(B, patch=4)), 128, 8, (32,), 16, LM_ESTS),
 }
 
 
@@ -351,6 +380,7 @@ def run(quick: bool, reps: int, only=(), with_peers=True):
              "batched_temp_mb": mb(base_mem), "engine_temp_mb": mb(eng_mem),
              "vmap_temp_mb": mb(vm_mem),
              "torch_batched_s": tmed, "peers": prows}
+      row["load_1min"] = os.getloadavg()[0]  # other jobs on the CPU move single ratios
       rows.append(row)
       print(fmt_row(row), flush=True)
       for line in peer_lines(row):
@@ -372,14 +402,23 @@ def fmt(v, spec):
 
 
 HEADER = ("| model | estimator | N | chunk | batched grad (s) | engine (s) | engine / batched "
-          "| vmap (s) | vmap / batched | temp MB batched / engine / vmap |")
+          "| vmap (s) | vmap / batched | temp MB batched / engine / vmap | load | run |")
 
 
 def fmt_row(r):
   return (f"| {r['model']} | {r['estimator']} | {r['N']} | {r['chunk']} | {r['batched_s']:.3f} "
           f"| {r['engine_s']:.3f} | {r['engine_x']:.2f}x | {fmt(r['vmap_s'], '.2f')} "
           f"| {fmt(r['vmap_x'], '.0f' if (r['vmap_x'] or 0) >= 10 else '.1f')}x | {fmt(r['batched_temp_mb'], '.1f')} / "
-          f"{fmt(r['engine_temp_mb'], '.1f')} / {fmt(r['vmap_temp_mb'], '.1f')} |")
+          f"{fmt(r['engine_temp_mb'], '.1f')} / {fmt(r['vmap_temp_mb'], '.1f')} "
+          f"| {fmt(r.get('load_1min'), '.1f')} | {r.get('run', '-')} |")
+
+
+def merge_rows(saved: list, new: list) -> list:
+  """``saved`` with every model in ``new`` replaced by its new rows, in ``MODELS`` order."""
+  fresh = {r["model"] for r in new}
+  rows = [r for r in saved if r["model"] not in fresh] + new
+  order = {m: i for i, m in enumerate(MODELS)}
+  return sorted(rows, key=lambda r: order.get(r["model"], len(order)))
 
 
 PEER_HEADER = ("| model | estimator | method | examples timed | agreement (max rel err) | time at N (s) "
@@ -426,7 +465,11 @@ def main():
   ap.add_argument("--no-peers", action="store_true", help="skip the torch / kfac-jax peers")
   ap.add_argument("--md-only", action="store_true",
                   help="rewrite importance.md from the committed importance.json")
+  ap.add_argument("--merge", action="store_true",
+                  help="with --only: replace those models' rows in the committed results, keep the rest")
   args = ap.parse_args()
+  if args.merge and (args.quick or not args.only):
+    ap.error("--merge needs --only and no --quick")
   if args.md_only:
     with open(os.path.join(HERE, "results", "importance.json")) as f:
       saved = json.load(f)
@@ -437,19 +480,34 @@ def main():
   load_before = os.getloadavg()
   rows = run(args.quick, reps, args.only, not args.no_peers)
   load_after = os.getloadavg()
-  table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
+  table = "\n".join([HEADER, "|" + "---|" * 12] + [fmt_row(r) for r in rows])
   print("\n" + table + "\n\n" + peer_table(rows))
-  if args.quick or args.only:
+  if args.quick or (args.only and not args.merge):
     return
+  this = {"command": " ".join(["python benchmarks/importance.py"] + sys.argv[1:]),
+          "with_peers": not args.no_peers,
+          # other jobs share the CPU: ratios come from interleaved runs, but are noisy
+          "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": load_after}
   env = {"jax": jax.__version__, "backend": jax.default_backend(), "peers": peer_lib.versions(),
          "cpu_count": os.cpu_count(), "platform": platform.platform(),
-         "command": " ".join(["python benchmarks/importance.py"] + sys.argv[1:]),
          "torch_threads": peer_lib.torch.get_num_threads() if peer_lib.torch else None,
-         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-         # other jobs share the CPU: ratios come from interleaved runs, but are noisy
-         "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": load_after}
+         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "runs": [this]}
   out = os.path.join(HERE, "results")
   os.makedirs(out, exist_ok=True)
+  if args.merge:
+    with open(os.path.join(out, "importance.json")) as f:
+      saved = json.load(f)
+    env["runs"] = runs_of(saved["env"]) + [this]
+    for r in rows:
+      r["run"] = len(env["runs"])
+    rows = merge_rows([dict(r, run=r.get("run", 1)) for r in saved["rows"]], rows)
+    used = sorted({r["run"] for r in rows})   # drop runs no row comes from any more
+    env["runs"] = [env["runs"][i - 1] for i in used]
+    for r in rows:
+      r["run"] = used.index(r["run"]) + 1
+  else:
+    for r in rows:
+      r["run"] = 1
   with open(os.path.join(out, "importance.json"), "w") as f:
     json.dump({"env": env, "rows": rows}, f, indent=1)
   write_md(os.path.join(out, "importance.md"), env, rows, reps)
@@ -511,16 +569,27 @@ PEER_NOTES = """
 """
 
 
+def runs_of(env) -> list:
+  """The commands behind the rows (results written before ``--merge`` existed came from one run)."""
+  if "runs" in env:
+    return env["runs"]
+  return [{"command": env["command"], "with_peers": True, "loadavg_1_5_15_before": env["loadavg_1_5_15_before"],
+           "loadavg_1_5_15_after": env["loadavg_1_5_15_after"]}]
+
+
 def write_md(path, env, rows, reps):
-  table = "\n".join([HEADER, "|" + "---|" * 10] + [fmt_row(r) for r in rows])
+  table = "\n".join([HEADER, "|" + "---|" * 12] + [fmt_row(r) for r in rows])
   with open(path, "w") as f:
     f.write("# Importance estimators: factored engine vs vmap(vjp) vs one batched gradient\n\n")
-    f.write(f"`{env['command']}` on {env['cpu_count']} CPU cores ({env['backend']}, "
+    runs = "; ".join(f"run {i}: `{r['command']}` (load average 1/5/15 min before "
+                     f"{fmt_load(r['loadavg_1_5_15_before'])}, after {fmt_load(r['loadavg_1_5_15_after'])})"
+                     for i, r in enumerate(runs_of(env), 1))
+    reps = "/".join(map(str, sorted({r["reps"] for r in rows})))
+    f.write(f"{runs}. On {env['cpu_count']} CPU cores ({env['backend']}, "
             f"jax {env['jax']}); median of {reps} interleaved runs after warm-up. "
             "`vmap` is timed on a subset of the examples and scaled linearly to N. "
-            "Temp MB: XLA's compiled temporary buffers. Load average (1/5/15 min) "
-            f"before {fmt_load(env['loadavg_1_5_15_before'])}, "
-            f"after {fmt_load(env['loadavg_1_5_15_after'])}.\n\n")
+            "Temp MB: XLA's compiled temporary buffers. `load`: the 1-minute load average "
+            "after the row (other jobs shared the CPU); `run`: the command that measured it.\n\n")
     f.write(table + "\n")
     f.write(NOTES)
     ptable = peer_table(rows)

@@ -43,6 +43,7 @@ class Size:
   layers: int = 2
   image: int = 8
   channels: int = 4
+  patch: int = 0  # a ViT's patch size; 0: image // 2 (4 patches)
 
 
 TINY = Size()
@@ -346,7 +347,7 @@ def hf_resnet(s: Size = TINY):
 def hf_vit(s: Size = TINY):
   """transformers' FlaxViTForImageClassification: a cls token concatenated to the patches."""
   from transformers import FlaxViTForImageClassification, ViTConfig
-  cfg = ViTConfig(image_size=s.image, patch_size=s.image // 2, num_channels=3, hidden_size=s.d,
+  cfg = ViTConfig(image_size=s.image, patch_size=s.patch or s.image // 2, num_channels=3, hidden_size=s.d,
                   num_hidden_layers=s.layers, num_attention_heads=s.heads, intermediate_size=2 * s.d,
                   num_labels=5)
   model = FlaxViTForImageClassification(cfg, input_shape=(1, s.image, s.image, 3), seed=0)
