@@ -33,7 +33,8 @@ def arm(r) -> str:
     return {"mofo": "MoFO", "lora_mofo": "LoRA + MoFO"}[r["method"]]
   name = {"wva": "WVA", "ewc": "EWC", "implicit_ewc": "implicit EWC", "lora_ewc": "LoRA + EWC",
           "lora_wva": "LoRA + WVA"}[r["method"]]
-  imp = {"fisher": "Fisher", "fisher_reversed": "Fisher(reversed)"}.get(r["importance"], r["importance"].upper())
+  imp = {"fisher": "Fisher", "fisher_reversed": "Fisher(reversed)", "fisher_emp": "Fisher(empirical)",
+         "fisher_online": "Fisher(online)"}.get(r["importance"], r["importance"].upper())
   return f"{name}-{imp}" + (" (bf16)" if r["dtype"] == "bfloat16" else "")
 
 

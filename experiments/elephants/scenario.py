@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import wva_jax as wj
 from experiments.elephants import adapters, data, train
 from experiments.elephants import model as lm
 from experiments.results import ResultStore, provenance, with_provenance
@@ -59,6 +60,13 @@ class Scenario:
       ("ewc", "fisher_reversed", "float32", (0.1, 1.0, 10.0, 100.0)),
       ("mofo", None, "float32", (0.01, 0.02, 0.05, 0.15, 0.5)),
       ("lora_mofo", None, "float32", (0.01, 0.02, 0.05, 0.15, 0.5)),
+      # Importance collected inside the training step (issue 22): the empirical Fisher of
+      # every pretraining batch, running mean (fisher_online), against the same estimator
+      # from a separate pass over 256 sequences after pretraining (fisher_emp).
+      ("wva", "fisher_emp", "float32", (1.0, 10.0, 100.0, 1000.0)),
+      ("ewc", "fisher_emp", "float32", (0.1, 1.0, 10.0, 100.0)),
+      ("wva", "fisher_online", "float32", (1.0, 10.0, 100.0, 1000.0)),
+      ("ewc", "fisher_online", "float32", (0.1, 1.0, 10.0, 100.0)),
   )
   seed: int = 0
   name: str = "scenario"
@@ -79,7 +87,8 @@ QUICK = Scenario(cfg=lm.Config(d_model=64, heads=2, layers=2, seq_len=32), pretr
                        ("lora_wva", "fisher", "float32", (100.0,)),
                        ("wva", "fisher_reversed", "float32", (10.0,)),
                        ("mofo", None, "float32", (0.15,)),
-                       ("lora_mofo", None, "float32", (0.15,))),
+                       ("lora_mofo", None, "float32", (0.15,)),
+                       ("wva", "fisher_online", "float32", (10.0,))),
                  name="scenario-quick")
 
 
@@ -124,16 +133,40 @@ def importance(sc, apply_fn, params, a, kind, tag, log=print):
 
   def make():
     t = time.time()
-    imp = train.importance_on_a(apply_fn, params, a, kind, n=sc.importance_examples, seed=sc.seed)
+    extra = {}
+    if kind == "fisher_online":
+      imp, extra = _online_fisher(sc, apply_fn, params, a, log)
+    else:
+      imp = train.importance_on_a(apply_fn, params, a, kind, n=sc.importance_examples, seed=sc.seed)
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(imp)]
     log(f"importance {kind}: {time.time() - t:.1f} s")
-    return {"leaves": leaves, "seconds": time.time() - t}
+    return {"leaves": leaves, "seconds": time.time() - t, **extra}
 
   # SIG counted padding positions until it took a mask: its cache name changed
-  # with it, so a stale unmasked SIG is never read back.
+  # with it, so a stale unmasked SIG is never read back. The online Fisher sees
+  # every pretraining batch, not importance_examples sequences.
   name = {"sig": "sig-masked"}.get(kind, kind)
-  got = _cached(data.cache_dir() / f"importance-{name}-{sc.importance_examples}-{tag}.pkl", make)
+  n = sc.pretrain_steps * sc.sched.batch if kind == "fisher_online" else sc.importance_examples
+  got = _cached(data.cache_dir() / f"importance-{name}-{n}-{tag}.pkl", make)
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in got["leaves"]]), got["seconds"]
+
+
+def _online_fisher(sc, apply_fn, params, a, log=print):
+  """The empirical Fisher accumulated while pretraining (issue 22): pretraining replayed from
+  the same init and batches with ``grad_and_fisher``'s Fisher of each batch in the running mean.
+
+  The replay's parameters must be the cached pretrained ones bit for bit, so that the arm is
+  paired with every other arm of the seed on the same base model; a mismatch is an error.
+  """
+  _, params0 = lm.init(sc.cfg, sc.seed)
+  replayed, _, fisher = train.pretrain(apply_fn, params0, a, steps=sc.pretrain_steps,
+                                       batch=sc.sched.batch, seed=sc.seed, log=log, accumulate_fisher=True)
+  diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
+             zip(jax.tree_util.tree_leaves(replayed), jax.tree_util.tree_leaves(params)))
+  if diff != 0.0:
+    raise RuntimeError(f"pretraining replayed with the Fisher accumulated ends {diff:.3g} away from the "
+                       "cached pretrained parameters: the online-Fisher arm would not be paired")
+  return wj.importance.normalize(fisher), {"replay_max_abs_diff": diff}
 
 
 def run_key(r: dict) -> tuple:

@@ -157,30 +157,47 @@ def _fine_tune(apply_fn, step, carry, to_params, sched: Schedule, key, train_b, 
 
 
 def pretrain(apply_fn, params, domain, *, steps: int, batch: int = 16, lr: float = 2e-3,
-             seed: int = 0, chunk: int = 100, log=print):
-  """Adam with linear warm-up and cosine decay on domain A; returns params and a loss log."""
+             seed: int = 0, chunk: int = 100, log=print, accumulate_fisher: bool = False):
+  """Adam with linear warm-up and cosine decay on domain A; returns params and a loss log.
+
+  With ``accumulate_fisher`` it returns ``(params, history, fisher)``: also the
+  running mean over every step of the empirical Fisher of that step's batch
+  at that step's parameters (``grad_and_fisher`` + ``fisher_accumulator``),
+  what a training step that collects importance would hold at the end of A.
+  The update still uses ``value_and_grad``'s gradient, so the parameters are
+  the plain run's (the scenario checks they are bitwise the same).
+  """
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr / 10)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
   step = make_train_step(apply_fn, tx)
   seqs, mask = jnp.asarray(domain.train), jnp.asarray(domain.train_mask)
+  acc_fn = wj.importance.fisher_accumulator()
 
   @jax.jit
-  def chunk_fn(params, state, key):
+  def chunk_fn(params, state, acc, key):
     def body(c, k):
+      params, state, acc = c
       idx = jax.random.randint(k, (batch,), 0, seqs.shape[0])
-      p, s, l = step(*c, seqs[idx], mask[idx])
-      return (p, s), l
-    (params, state), losses = jax.lax.scan(body, (params, state), jax.random.split(key, chunk))
-    return params, state, losses.mean()
+      if accumulate_fisher:
+        x, y, m = lm.split_batch(seqs[idx], mask[idx])
+        _, _, f = wj.importance.grad_and_fisher(apply_fn, params, x, y, mask=m)
+        acc = acc_fn.update(acc, f, batch)
+      p, s, l = step(params, state, seqs[idx], mask[idx])
+      return (p, s, acc), l
+    (params, state, acc), losses = jax.lax.scan(body, (params, state, acc), jax.random.split(key, chunk))
+    return params, state, acc, losses.mean()
 
   state = tx.init(params)
+  acc = acc_fn.init(params) if accumulate_fisher else None
   key = jax.random.key(seed)
   history = []
   for i in range(max(1, steps // chunk)):
     key, k = jax.random.split(key)
-    params, state, l = chunk_fn(params, state, k)
+    params, state, acc, l = chunk_fn(params, state, acc, k)
     history.append(float(l))
     log(f"pretrain step {(i + 1) * chunk}: train nll {float(l):.3f}")
+  if accumulate_fisher:
+    return params, history, acc_fn.result(acc)
   return params, history
 
 
@@ -191,7 +208,8 @@ def importance_on_a(apply_fn, params, domain, kind: str, *, n: int = 256, chunk_
   ``fisher``: true Fisher, one sampled continuation per position, per
   sequence ``(d/dtheta sum_t m_t log p(y_t | x_<t))^2`` with padding masked;
   ``fisher_emp``: the same with the real next bytes; ``fisher_reversed``: EWC-DR's
-  logits reversal on the real next bytes (``fisher(mode='reversed')``); ``mas``: gradient of
+  logits reversal on the real next bytes (``fisher(mode='reversed')``); ``fisher_online`` is
+  not computed here (``scenario.importance``: it is accumulated while pretraining); ``mas``: gradient of
   the squared norm of the logits; ``sig``: forward signal; padding masked in all.
   """
   x, y, m = lm.split_batch(domain.train[:n], domain.train_mask[:n])
