@@ -60,3 +60,9 @@ def test_readme_states_numbers_within_the_tested_bounds():
   for name, bounds in LM_BOUNDS.items():
     assert within(losses[name], bounds), (name, losses[name])
   assert losses["lora_ewc"]["old"] < losses["lora"]["old"] / 10, output
+
+
+def test_engine_page_cost_table_is_the_committed_benchmark():
+  from docs import engine_tables  # docs/ is importable from the checkout (pytest's pythonpath)
+  assert engine_tables.committed() == engine_tables.generated(), (
+      "run `python docs/engine_tables.py` and commit docs/engine.rst")
