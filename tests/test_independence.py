@@ -133,3 +133,33 @@ def test_mas_and_sig_probe_too():
     wj.importance.mas(MIXING["roll"], P, X)
   with pytest.raises(ValueError, match="mixes examples"):
     wj.importance.sig(MIXING["roll"], P, X)
+
+
+def test_a_jitted_step_runs_the_probe_on_its_first_call_only(monkeypatch):
+  # A training step jitted before any call has the probe compiled in: it must not run on
+  # every step (it cost more than the step itself), only until it has passed once.
+  from wva_jax.importance import _independence
+  runs = []
+  probe = _independence._moved
+
+  def counted(apply_fn, params, x):
+    moved = probe(apply_fn, params, x)
+    jax.debug.callback(lambda m: runs.append(1), moved)
+    return moved
+
+  monkeypatch.setattr(_independence, "_moved", counted)
+  model = lambda p, x: dense(p, x) * 1.0   # a fresh function: nothing cached for it
+  step = jax.jit(lambda p, x, y: wj.importance.grad_and_fisher(model, p, x, y))
+  first = jax.block_until_ready(step(P, X, Y))
+  for _ in range(3):
+    again = jax.block_until_ready(step(P, X, Y))
+  assert len(runs) == 1
+  np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(again[0]))
+
+
+@pytest.mark.slow
+def test_a_jitted_mixing_model_is_refused_on_every_call():
+  f = jax.jit(lambda p: wj.importance.fisher(MIXING["roll"], p, X, Y))
+  for _ in range(2):   # a refusal never marks the model as passed
+    with pytest.raises(Exception, match="apply_fn mixes examples"):
+      jax.block_until_ready(f(P))
