@@ -53,7 +53,7 @@ from wva_jax.importance._per_example import (
   resolve_chunk_size,
   scan_chunks,
 )
-from wva_jax.importance._reductions import _outer_sum, _per_example_reduce, unroll_chunks
+from wva_jax.importance._reductions import _outer_sum, _per_example_reduce
 from wva_jax.importance._transforms import _transform_pullback
 
 ENGINES = ("auto", "factored", "vmap")
@@ -332,9 +332,7 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
 
   init = [jnp.zeros(s, jnp.float32) for s in shapes]
   unflat = lambda a: jax.tree_util.tree_unflatten(treedef, a[:n_leaves])
-  unroll = unroll_chunks(plan, valid.shape[0])
   if value_fn is None:
-    return unflat(scan_chunks(body, init, (x_chunks, e_chunks, valid), unroll))
-  (acc, plain), value = scan_chunks(body, ([init, init], jnp.zeros((), jnp.float32)), (x_chunks, e_chunks, valid),
-                                    unroll)
+    return unflat(scan_chunks(body, init, (x_chunks, e_chunks, valid)))
+  (acc, plain), value = scan_chunks(body, ([init, init], jnp.zeros((), jnp.float32)), (x_chunks, e_chunks, valid))
   return unflat(acc), unflat(plain), value

@@ -73,8 +73,8 @@ def chunked(tree, n: int, chunk: int):
   return jax.tree_util.tree_map(split, tree), valid
 
 
-def scan_chunks(body, init, chunks, unroll: bool = False):
-  """``lax.scan`` accumulating ``body(chunk)`` into ``init`` (a float32 pytree); ``unroll``: no loop."""
+def scan_chunks(body, init, chunks):
+  """``lax.scan`` accumulating ``body(chunk)`` into ``init`` (a float32 pytree)."""
 
   def step(acc, chunk):
     return jax.tree_util.tree_map(jnp.add, acc, body(chunk)), None
@@ -82,7 +82,7 @@ def scan_chunks(body, init, chunks, unroll: bool = False):
   if jax.tree_util.tree_leaves(chunks)[0].shape[0] == 1:
     # one chunk (a training batch): no loop, so XLA fuses across the whole program
     return step(init, jax.tree_util.tree_map(lambda a: a[0], chunks))[0]
-  acc, _ = jax.lax.scan(step, init, chunks, unroll=bool(unroll))
+  acc, _ = jax.lax.scan(step, init, chunks)
   return acc
 
 

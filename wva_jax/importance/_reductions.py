@@ -25,34 +25,6 @@ def _sequential() -> bool:
   return jax.default_backend() == "cpu"
 
 
-# Chunks a convolutional model's chunk loop is unrolled up to, on CPU (see ``unroll_chunks``).
-MAX_UNROLLED_CHUNKS = 8
-
-
-def _uses_conv(jaxpr) -> bool:
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      return True
-    for v in eqn.params.values():
-      inner = getattr(v, "jaxpr", v)  # a ClosedJaxpr's jaxpr, or a Jaxpr
-      if hasattr(inner, "eqns") and _uses_conv(inner):
-        return True
-  return False
-
-
-def unroll_chunks(plan, n_chunks: int) -> bool:
-  """Unroll the loop over chunks: on CPU, for a model with convolutions, when there are few chunks.
-
-  Inside a while loop XLA:CPU runs a convolution's input gradient 2-3x and its
-  kernel gradient 10-50x slower (measured). On the causal Conv1D LM of
-  benchmarks/importance.py (64 examples in 4 chunks) unrolling took the
-  Fisher from 2.16x to 1.56x one batched gradient; one chunk (no loop) 1.60x.
-  The cap bounds the compiled program's size.
-  """
-  return (_sequential() and 1 < n_chunks <= MAX_UNROLLED_CHUNKS
-          and _uses_conv(plan.closed.jaxpr))
-
-
 def _per_example_reduce(leaves, plan, use_grad, Rs, out_shapes, caps, d, patches, extra=(), finish=None):
   """``[sum_b R(sum_u g_{u,b}) for R in Rs]`` for each leaf, ``g_{u,b}`` its gradient through use ``u``.
 
