@@ -157,6 +157,16 @@ def test_a_jitted_step_runs_the_probe_on_its_first_call_only(monkeypatch):
   np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(again[0]))
 
 
+def test_with_several_processes_a_traced_probe_leaves_the_cache_alone(monkeypatch):
+  # Its callback runs in only some processes: a cache filled there makes the next trace
+  # differ between processes, and their collectives hang (CI's two-process test did).
+  from wva_jax.importance import _independence
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  model = lambda p, x: dense(p, x) * 1.0   # a fresh function: nothing cached for it
+  jax.block_until_ready(jax.jit(lambda p: wj.importance.fisher(model, p, X, Y))(P))
+  assert not _independence._PASSED.get(model)
+
+
 @pytest.mark.slow
 def test_a_jitted_mixing_model_is_refused_on_every_call():
   f = jax.jit(lambda p: wj.importance.fisher(MIXING["roll"], p, X, Y))
