@@ -37,6 +37,7 @@ to each factored op's output and the summed cotangent is pulled back to
 from __future__ import annotations
 
 import dataclasses
+import enum
 import warnings
 from typing import Any
 
@@ -54,6 +55,7 @@ from wva_jax.importance._per_example import (
   scan_chunks,
 )
 from wva_jax.importance._reductions import _outer_sum, _per_example_reduce
+from wva_jax.importance._rules import Factor
 from wva_jax.importance._transforms import _transform_pullback
 
 ENGINES = ("auto", "factored", "vmap")
@@ -71,8 +73,43 @@ class FallbackWarning(UserWarning):
   """
 
 
+class How(enum.Enum):
+  """The path a parameter leaf takes through the engine."""
+  OUTER = "dense"  # one dense use, one position per example: one matmul R(X)^T R(D) per chunk
+  PER_EXAMPLE = "per-example"  # per-example gradient of the leaf alone, from its uses' captures
+  TRANSFORM = "transform"  # read through a parameter transform: pulled back through its VJP
+  FALLBACK = "fallback"  # per-example vjp restricted to the leaf
+  UNUSED = "unused"  # zero (a float leaf no output depends on, or an integer leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRoute:
+  """One leaf's path, and what ``engine_report`` says about it (:attr:`label`)."""
+  how: How
+  uses: tuple = ()  # the label of each use ('dense', 'dense/positions', 'conv', 'bias'...)
+  scan: bool = False  # used inside a scan (per layer slice or per iteration)
+  reason: str = ""  # FALLBACK: the op it cannot be followed through; TRANSFORM: the transform's op;
+  # UNUSED: 'integer' for an integer leaf
+
+  @property
+  def label(self) -> str:
+    if self.how is How.FALLBACK:
+      return f"fallback: used by {self.reason}"
+    if self.how is How.TRANSFORM:
+      return f"transform ({self.reason})"
+    if self.how is How.UNUSED:
+      return f"unused ({self.reason})" if self.reason else "unused"
+    label = self.uses[0] if len(self.uses) == 1 else "shared: " + " + ".join(self.uses)
+    return label + (" (scan)" if self.scan else "")
+
+  @property
+  def factored(self) -> bool:
+    """On the fast path: its gradients come from the recorded operands and cotangents."""
+    return self.how in (How.OUTER, How.PER_EXAMPLE)
+
+
 def _use_label(u) -> str:
-  if u.prim == "dot_general":
+  if u.factor is Factor.MATMUL:
     return "dense" if _use_grads.positions(u) == 1 else "dense/positions"
   return u.kind
 
@@ -82,43 +119,42 @@ def _outer(uses) -> bool:
   if len(uses) != 1:
     return False
   (u,) = uses
-  return u.prim == "dot_general" and _use_grads.positions(u) == 1 and u.path.permutes
+  return u.factor is Factor.MATMUL and _use_grads.positions(u) == 1 and u.path.permutes
 
 
-def _classify(plan, leaves) -> list[str]:
-  """The path each leaf takes: 'dense', 'dense/positions', 'conv', ... or 'fallback: <why>'."""
+def _classify(plan, leaves) -> list[LeafRoute]:
+  """The route of each leaf of ``plan``."""
   out = []
   for i, leaf in enumerate(leaves):
     uses = plan.uses.get(i, [])
     blocked = plan.blocked.get(i, [])
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      out.append("unused (integer)")  # integer leaves carry no gradient: zeros
+      out.append(LeafRoute(How.UNUSED, reason="integer"))  # no gradient: zeros
     elif blocked:
-      out.append(f"fallback: used by {blocked[0]}")
+      out.append(LeafRoute(How.FALLBACK, reason=blocked[0]))
     elif not uses:
-      out.append("unused")
+      out.append(LeafRoute(How.UNUSED))
     else:
-      label = "dense" if _outer(uses) else (
-          "dense/positions" if uses[0].prim == "dot_general" and len(uses) == 1 else
-          _use_label(uses[0]) if len(uses) == 1 else
-          "shared: " + " + ".join(_use_label(u) for u in uses))
-      if any(u.loops for u in uses):
-        label += " (scan)"
-      out.append(label)
+      outer = _outer(uses)
+      # a lone dense use off the one-matmul path (positions, or a non-permuting layout on the
+      # way) has its per-example gradient formed over positions
+      lone_dense = len(uses) == 1 and uses[0].factor is Factor.MATMUL and not outer
+      labels = ("dense/positions",) if lone_dense else tuple(_use_label(u) for u in uses)
+      out.append(LeafRoute(How.OUTER if outer else How.PER_EXAMPLE, labels, any(u.loops for u in uses)))
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-  """How the engine runs a model: its plan, the leaves it sees, each leaf's path.
+  """How the engine runs a model: its plan, the leaves it sees, each leaf's route.
 
   With parameter transforms (``_transforms``) the plan is the split model
   ``G``'s, whose leaves are the model's followed by the transforms' outputs.
   """
   plan: Any
-  kinds: list  # per leaf of the plan (G's leaves with a split)
+  kinds: list[LeafRoute]  # per leaf of the plan (G's leaves with a split)
   split: Any  # _transforms.Split or None
-  report: list  # per leaf of the model
+  report: list[LeafRoute]  # per leaf of the model
 
 
 def _plan(apply_fn, params, inputs) -> Route:
@@ -132,8 +168,9 @@ def _plan(apply_fn, params, inputs) -> Route:
   structs = [jax.ShapeDtypeStruct(jnp.shape(l), jnp.result_type(l)) for l in leaves] + list(split.frontier)
   g_plan = _trace.trace(lambda ls, x: split.model(ls, jax.tree_util.tree_leaves(x)), structs, example)
   g_kinds = _classify(g_plan, structs)
-  report = [f"transform ({split.reasons[i]})" if i in split.reasons and not g_kinds[i].startswith("fallback")
-            else g_kinds[i] for i in range(len(leaves))]
+  report = [LeafRoute(How.TRANSFORM, reason=split.reasons[i])
+            if i in split.reasons and g_kinds[i].how is not How.FALLBACK else g_kinds[i]
+            for i in range(len(leaves))]
   return Route(g_plan, g_kinds, split, report)
 
 
@@ -163,7 +200,7 @@ def engine_report(apply_fn, params, inputs) -> dict[str, str]:
     {'b': 'bias', 'w': 'dense'}
   """
   num_examples(inputs)
-  return dict(zip(_model_io.leaf_paths(params), _plan(apply_fn, params, inputs).report))
+  return {n: r.label for n, r in zip(_model_io.leaf_paths(params), _plan(apply_fn, params, inputs).report)}
 
 
 def check_model(apply_fn, params, inputs, what: str = "outputs"):
@@ -174,9 +211,9 @@ def check_model(apply_fn, params, inputs, what: str = "outputs"):
   return out
 
 
-def _warn_fallback(params, kinds):
+def _warn_fallback(params, routes):
   names = _model_io.leaf_paths(params)
-  slow = [(n, k[len("fallback: used by "):]) for n, k in zip(names, kinds) if k.startswith("fallback")]
+  slow = [(n, r.reason) for n, r in zip(names, routes) if r.how is How.FALLBACK]
   if slow:
     listed = ", ".join(f"{n!r} ({why})" for n, why in slow[:8])
     more = f" and {len(slow) - 8} more" if len(slow) > 8 else ""
@@ -229,18 +266,18 @@ def gradient_sums(apply_fn, params, inputs, cot_fn, extras=None, *, reduce="squa
     leaves = leaves + frontier
   joint = set(pulled) | set(range(n_leaves, len(leaves)))
   shapes = [jnp.shape(l) for l in leaves]
-  fallback = [i for i, k in enumerate(kinds) if k.startswith("fallback")]
-  factored = [i for i, k in enumerate(kinds)
-              if not k.startswith("fallback") and not k.startswith("unused")]
-  # one matmul R(X)^T R(D) per layer (per layer slice inside a scan), decided from the uses
-  outer_leaves = [i for i in factored if _outer(plan.uses[i]) and i not in joint]
+  fallback = [i for i, r in enumerate(kinds) if r.how is How.FALLBACK]
+  factored = [i for i, r in enumerate(kinds) if r.factored]
+  # one matmul R(X)^T R(D) per layer (per layer slice inside a scan); a leaf the transforms'
+  # pullback also reaches needs its per-example gradient, summed over paths before R
+  outer_leaves = [i for i in factored if kinds[i].how is How.OUTER and i not in joint]
   per_ex_leaves = [i for i in factored if i not in outer_leaves]
   fallback_joint = [j for j, i in enumerate(fallback) if i in joint]
   # what _per_example_reduce returns: the per-example leaves, then the pulled-back ones
   ex_out = [i for i in per_ex_leaves if i not in joint] + list(pulled)
   sites = plan.sites(factored)
   small = not fallback and split is None and all(
-      _outer(plan.uses[i]) or all(u.additive for u in plan.uses[i]) for i in factored)
+      kinds[i].how is How.OUTER or all(u.additive for u in plan.uses[i]) for i in factored)
   chunk = resolve_chunk_size(chunk_size, n, DENSE_CHUNK_SIZE if small else DEFAULT_CHUNK_SIZE)
   back = {u.site: _uses.path_transpose(u.path, shapes[u.leaf]) for u in sites}
   (x_chunks, e_chunks), valid = chunked((inputs, extras), n, chunk)

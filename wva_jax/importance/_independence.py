@@ -40,17 +40,11 @@ import numpy as np
 from jax.experimental import io_callback
 from jax.extend import core as jcore
 
+from wva_jax.importance import _rules
+
 PROBE_EXAMPLES = 8
 # swap probe (integer inputs): relative change of another example's outputs that counts as moved
 SWAP_RTOL = {2: 3e-2, 4: 1e-4, 8: 1e-9}  # by output itemsize
-
-# How each op combines or moves values along an axis (params key of the axes).
-_ALONG = {"reduce_sum": "axes", "reduce_max": "axes", "reduce_min": "axes", "reduce_prod": "axes",
-          "reduce_and": "axes", "reduce_or": "axes", "argmax": "axes", "argmin": "axes",
-          "cumsum": "axis", "cumprod": "axis", "cummax": "axis", "cummin": "axis",
-          "cumlogsumexp": "axis", "sort": "dimension", "rev": "dimensions", "concatenate": "dimension"}
-# Ops that read operand elements at computed positions: any axis of the operand.
-_INDEXED = frozenset({"gather", "dynamic_slice", "scatter", "scatter-add", "scatter_add", "dynamic_update_slice"})
 
 
 def _batch_dim(d) -> bool:
@@ -71,16 +65,17 @@ def _suspect(jaxpr) -> tuple[str, str] | None:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     shape = eqn.invars[0].aval.shape if eqn.invars and hasattr(eqn.invars[0].aval, "shape") else ()
-    if name in _ALONG:
-      ax = eqn.params[_ALONG[name]]
+    entry = _rules.entry(name)
+    if entry.along:
+      ax = eqn.params[entry.along]
       axes = ax if isinstance(ax, (tuple, list)) else (ax,)
       if any(a < len(shape) and _batch_dim(shape[a]) for a in axes):
         return name, "acts along the batch axis"
-    elif name == "dot_general":
+    elif entry.factor is _rules.Factor.MATMUL:
       (lc, _), _ = eqn.params["dimension_numbers"]
       if any(_batch_dim(shape[a]) for a in lc):
         return name, "contracts the batch axis"
-    elif name in _INDEXED and any(_batch_dim(d) for d in shape):
+    elif entry.indexed and any(_batch_dim(d) for d in shape):
       return name, "indexes an array along the batch axis"
     for j in _sub_jaxprs(eqn):
       found = _suspect(j)

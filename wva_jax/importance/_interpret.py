@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 from jax.extend import core as jcore
 
+from wva_jax.importance import _rules
 from wva_jax.importance._trace import _inner
 from wva_jax.importance._uses import Plan
 
@@ -42,12 +43,13 @@ def evaluate(plan: Plan, leaves, x_leaves, hook, sites, eps=None):
       invals = [read(v) for v in eqn.invars]
       if site in prefixes:
         inner_eps = {s: e for s, e in eps_here.items() if s[:len(site)] == site}
-        if eqn.primitive.name == "scan":
+        entry = _rules.entry(eqn.primitive.name)
+        if entry.treatment is _rules.LOOP:
           outs, inner_caps = _run_scan(run, eqn, site, invals, inner_eps)
         else:
           inner, inner_consts = _inner(eqn)
           call = lambda a, e, inner=inner, ic=inner_consts, site=site: run(inner, ic, a, site, e)
-          if eqn.primitive.name in ("checkpoint", "remat2"):
+          if entry.remat:
             # keep the model's rematerialisation: captures are recomputed too
             call = jax.checkpoint(call, prevent_cse=eqn.params.get("prevent_cse", True),
                                   policy=eqn.params.get("policy"))

@@ -1,8 +1,17 @@
-"""How the importance engine and SIG treat each primitive a parameter meets.
+"""What the importance engine, SIG and the independence check know about each primitive: one registry.
 
-One table, read by ``_trace.trace``. A parameter leaf is followed from the
-model's inputs through its jaxpr; at each equation that consumes it (or an
-alias of it) the rule of that equation's primitive decides:
+``REGISTRY`` maps a primitive's name to an :class:`Entry`; everything that
+treats a primitive by name reads it here (``_trace`` when it follows a
+parameter, ``_interpret`` when it re-runs the model, ``_engine`` and ``sig``
+when they form a use's per-example gradient or signal, ``_independence`` when
+it names the op that mixes examples). A primitive absent from the registry
+is opaque. Names are the installed JAX's (``tests/test_engine_registry.py``
+checks each is a primitive there), and every entry with a walk treatment is
+met, with that treatment, by a model that the same test checks element-wise
+against the per-example reference: no entry goes untested.
+
+Walk treatments (:class:`Treatment`), when an alias of a parameter leaf is an
+operand of an equation:
 
 ``LAYOUT``
   A linear, element-moving op of the one parameter operand (reshape,
@@ -23,105 +32,154 @@ alias of it) the rule of that equation's primitive decides:
   A use: the op is linear in the parameter operand given the others (Dense,
   Conv, scale, embedding lookup), or adds it (a bias). Its per-example
   gradient is formed from the op's other operands and the cotangent at its
-  output.
+  output, the way its :class:`Factor` says.
 ``ZERO``
   The derivative through this op is zero almost everywhere (integer casts,
   rounding, comparisons, ``stop_gradient``): the alias is dropped, exactly as
   autodiff drops it.
-anything else
-  Opaque. Where the op depends on parameters only (``tanh(w)``, a weight
-  norm, a custom rule on a weight), the leaf is a parameter transform
+``OPAQUE`` (and any primitive not registered)
+  Where the op depends on parameters only (``tanh(w)``, a weight norm, a
+  custom rule on a weight), the leaf is a parameter transform
   (``_transforms``): per-example gradients are taken at the transform's
   output on the fast path and pulled back through its own VJP. Where it also
   reads the example, the leaf leaves the fast path and is differentiated the
-  general way (per-example ``vjp`` restricted to that leaf); SIG refuses it
-  by name.
+  general way (per-example ``vjp`` restricted to that leaf); SIG gives it the
+  magnitude rule with a warning.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+
 import jax.numpy as jnp
 
-LAYOUT = "layout"
-CALL = "call"
-LOOP = "loop"
-LINEAR = "linear"
-ADDITIVE = "additive"
-ZERO = "zero"
-OPAQUE = "opaque"
 
-# Single-operand ops that only move, copy, broadcast or select elements: linear.
-# neg: -w, with |.| and (.)^2 unchanged; sharding_constraint: sharded LLM code puts one on every weight.
-_LAYOUT = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
-                     "copy", "copy_p", "rev", "slice", "reduce_precision", "neg", "sharding_constraint"})
-_CALL = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
-_LOOP = frozenset({"scan"})
-# op -> the kind engine_report names it by
-_LINEAR = {"dot_general": "dense", "conv_general_dilated": "conv", "mul": "scale",
-           "gather": "embedding"}
-# Linear in the parameter operand with a derivative that reads no other operand: the
-# per-example gradient is the output cotangent's slice (a bias; a parameter
-# concatenated to the activations: a ViT's cls or register tokens, prefix tuning).
-_ADDITIVE = {"add": "bias", "sub": "bias", "add_any": "bias", "concatenate": "concatenated"}
-# Derivative zero (almost everywhere) w.r.t. every operand.
-_ZERO = frozenset({"stop_gradient", "sign", "floor", "ceil", "round", "is_finite",
-                   "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor",
-                   "argmax", "argmin", "population_count", "clz", "shift_left",
-                   "shift_right_logical", "shift_right_arithmetic", "random_bits",
-                   "iota", "nextafter"})
+class Treatment(enum.Enum):
+  """What following a parameter alias does at an equation (module docstring)."""
+  LAYOUT = "layout"
+  CALL = "call"
+  LOOP = "loop"
+  LINEAR = "linear"
+  ADDITIVE = "additive"
+  ZERO = "zero"
+  OPAQUE = "opaque"
+
+
+class Factor(enum.Enum):
+  """How a use's per-example gradient (and SIG's signal) is formed from its operands."""
+  MATMUL = "matmul"  # dot_general: x d^T, one matmul R(X)^T R(D) for one position per example
+  PATCHES = "patches"  # a conv kernel: input patches (strided slices) times the cotangent
+  ROWS = "rows"  # gather from a table: the cotangent scattered to the rows the indices pick
+  VJP = "vjp"  # the op's VJP in the parameter operand, under vmap over the example's positions
+  COTANGENT = "cotangent"  # additive: the output cotangent itself, summed to the operand's shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One primitive's treatment.
+
+  Attributes:
+    treatment: what following a parameter alias does here (``None``: nothing
+      to follow; the entry only tells the independence check about the op).
+    kind: the name ``engine_report`` gives a use (``LINEAR`` / ``ADDITIVE``).
+    factor: how a use's per-example gradient is formed (``LINEAR`` / ``ADDITIVE``).
+    permutes: ``LAYOUT`` only: each input element appears exactly once in the
+      output (``|.|`` and ``(.)^2`` commute with it); ``None``: when the
+      sizes match; ``False``: never (``neg`` changes values).
+    remat: ``CALL`` only: the body is rematerialised; kept when re-run.
+    along: the ``params`` key naming the axes the op combines or moves values
+      along (independence check: acting along the batch axis mixes examples).
+    indexed: reads operand elements at computed positions, any axis.
+  """
+  treatment: Treatment | None
+  kind: str | None = None
+  factor: Factor | None = None
+  permutes: bool | None = None
+  remat: bool = False
+  along: str | None = None
+  indexed: bool = False
+
+
+_ = Entry
+LAYOUT, CALL, LOOP, LINEAR, ADDITIVE, ZERO, OPAQUE = Treatment
+
+REGISTRY: dict[str, Entry] = {
+    # layout: single-operand ops that move, copy, broadcast or select elements
+    **{n: _(LAYOUT, permutes=True) for n in ("reshape", "transpose", "squeeze", "copy",
+                                              "convert_element_type", "reduce_precision")},
+    # sharded LLM code puts one on every weight
+    "sharding_constraint": _(LAYOUT, permutes=True),
+    "rev": _(LAYOUT, permutes=True, along="dimensions"),
+    "broadcast_in_dim": _(LAYOUT),
+    "slice": _(LAYOUT),
+    "split": _(LAYOUT),  # jnp.split of a fused kernel: each piece is a layout alias
+    "neg": _(LAYOUT, permutes=False),  # -w: |.| and (.)^2 unchanged, R(X)^T R(D) would come out negated
+    # calls whose body is evaluated inline
+    "jit": _(CALL),
+    "remat2": _(CALL, remat=True),  # jax.checkpoint
+    "scan": _(LOOP),
+    # linear in the parameter operand
+    "dot_general": _(LINEAR, "dense", Factor.MATMUL),
+    "conv_general_dilated": _(LINEAR, "conv", Factor.PATCHES),
+    "mul": _(LINEAR, "scale", Factor.VJP),
+    "gather": _(LINEAR, "embedding", Factor.ROWS, indexed=True),  # linear in the table, not the indices
+    # linear with a derivative that reads no other operand: the per-example gradient is the
+    # output cotangent's slice (a bias; a parameter concatenated to the activations: a ViT's
+    # cls or register tokens, prefix tuning)
+    **{n: _(ADDITIVE, "bias", Factor.COTANGENT) for n in ("add", "sub", "add_any")},
+    "concatenate": _(ADDITIVE, "concatenated", Factor.COTANGENT, along="dimension"),
+    # derivative zero (almost everywhere) with respect to a float operand
+    **{n: _(ZERO) for n in ("stop_gradient", "sign", "floor", "ceil", "round", "is_finite",
+                            "eq", "ne", "lt", "le", "gt", "ge")},
+    **{n: _(ZERO, along="axes") for n in ("argmax", "argmin")},
+    # select_n(pred, *cases): zero through the predicate, opaque in a case (a mask the engine
+    # does not factor); see rule()
+    "select_n": _(OPAQUE),
+    # what the independence check names when a model mixes examples (opaque to a parameter)
+    **{n: _(None, along="axes") for n in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+                                          "reduce_and", "reduce_or")},
+    **{n: _(None, along="axis") for n in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")},
+    "sort": _(None, along="dimension"),
+    **{n: _(None, indexed=True) for n in ("dynamic_slice", "scatter", "scatter-add", "dynamic_update_slice")},
+}
+_OPAQUE_ENTRY = Entry(OPAQUE)
+
+
+def entry(name: str) -> Entry:
+  """The registry's entry for primitive ``name`` (opaque if unregistered)."""
+  return REGISTRY.get(name, _OPAQUE_ENTRY)
 
 
 def _is_float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.inexact)
 
 
-def rule(eqn, operand: int) -> str:
+def rule(eqn, operand: int) -> Treatment:
   """The treatment of ``eqn`` when a parameter alias is its operand ``operand``."""
   name = eqn.primitive.name
-  if name == "convert_element_type":
+  t = entry(name).treatment or OPAQUE
+  if name == "convert_element_type" and not _is_float(eqn.outvars[0].aval.dtype):
     # Only a float-to-float cast carries a derivative; a cast to an integer or
     # bool type (quantisation, masks) has a zero derivative.
-    return LAYOUT if _is_float(eqn.outvars[0].aval.dtype) else ZERO
-  if name in _ZERO:
     return ZERO
-  if not _is_float(eqn.invars[operand].aval.dtype):
+  if t is ZERO or not _is_float(eqn.invars[operand].aval.dtype):
     return ZERO  # an integer parameter carries no gradient
-  if name in _LAYOUT:
-    return LAYOUT if len(eqn.invars) == 1 and len(eqn.outvars) == 1 else OPAQUE
-  if name == "split":  # jnp.split of a fused kernel: each piece is a layout alias
-    return LAYOUT if len(eqn.invars) == 1 else OPAQUE
-  if name in _CALL:
-    return CALL
-  if name in _LOOP:
-    return LOOP
-  if name in _LINEAR:
-    # a gather is linear in the table it reads, not in its indices
-    return LINEAR if (name != "gather" or operand == 0) else OPAQUE
-  if name in _ADDITIVE:
-    return ADDITIVE
-  if name == "select_n":
-    # select_n(pred, *cases): zero through the predicate; linear in a case
-    # only through a mask, which the engine does not factor
-    return ZERO if operand == 0 else OPAQUE
-  return OPAQUE
+  if t is LAYOUT:
+    single = len(eqn.invars) == 1 and (len(eqn.outvars) == 1 or name == "split")
+    return LAYOUT if single else OPAQUE
+  if t is LINEAR and entry(name).factor is Factor.ROWS and operand != 0:
+    return OPAQUE  # a gather is linear in the table it reads, not in its indices
+  if name == "select_n" and operand == 0:
+    return ZERO
+  return t
 
 
-def rule_is_call(name: str) -> bool:
-  return name in _CALL
+def permutes(name: str, in_size: int, out_size: int) -> bool:
+  """Whether a layout op's output holds each input element exactly once."""
+  p = entry(name).permutes
+  return in_size == out_size if p is None else p
 
 
-def kind(name: str) -> str:
-  """The name ``engine_report`` gives a use by primitive ``name``."""
-  return _LINEAR.get(name) or _ADDITIVE[name]
-
-
-def is_additive(name: str) -> bool:
-  return name in _ADDITIVE
-
-
-# Layout ops whose output holds each input element exactly once (no copies,
-# no dropped elements): |.| and (.)^2 commute with them.
-# Layout ops that change values (R(X)^T R(D) mapped back through neg would come out
-# negated): never a permutation, whatever their sizes.
-NOT_PERMUTING = frozenset({"neg"})
-PERMUTING = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "copy", "copy_p",
-                       "rev", "convert_element_type", "reduce_precision", "sharding_constraint"})
+def uses() -> list[str]:
+  """The primitives a parameter leaf is used by on the fast path (linear or additive in it)."""
+  return [n for n, e in REGISTRY.items() if e.treatment in (LINEAR, ADDITIVE)]

@@ -15,7 +15,7 @@ Tracing one example (and ``vmap``-ing the interpreter over a chunk) makes the
 example axis explicit everywhere: every captured array gets a leading chunk
 axis that is the example axis, whatever the model does with its batch axis.
 
-How each primitive is treated is decided in one place, ``_rules.rule``. A
+How each primitive is treated is decided in one place, ``_rules.REGISTRY``. A
 ``scan`` (layers stacked along a leading axis: ``nnx.scan``, ``nn.scan``,
 ``hk.layer_stack``, ``lax.scan``) is entered: a use inside its body gets
 leading "loop" axes (one per enclosing scan), its ``eps`` is scanned in with
@@ -54,10 +54,11 @@ def _dependence(jaxpr, in_dep, prefix, out: dict) -> list:
   for i, eqn in enumerate(jaxpr.eqns):
     ins = [isinstance(v, jcore.Var) and v in dep for v in eqn.invars]
     name = eqn.primitive.name
-    if name in ("scan",) or _rules.rule_is_call(name):
+    treatment = _rules.entry(name).treatment
+    if treatment in (_rules.LOOP, _rules.CALL):
       inner, _ = _inner(eqn)
       body_in = list(ins)
-      if name == "scan":  # a carry may pick up the example in a later iteration
+      if treatment is _rules.LOOP:  # a carry may pick up the example in a later iteration
         n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
         for k in range(n_consts, n_consts + n_carry):
           body_in[k] = any(ins)
@@ -118,8 +119,7 @@ def trace(apply_fn: Callable, params, example) -> Plan:
         in_size = math.prod(eqn.invars[0].aval.shape)
         for j, v in enumerate(eqn.outvars):
           # one step per output; a multi-output op (split) keeps output j
-          permutes = name in _rules.PERMUTING or (
-              name not in _rules.NOT_PERMUTING and in_size == math.prod(v.aval.shape))
+          permutes = _rules.permutes(name, in_size, math.prod(v.aval.shape))
           step = ("bind", eqn.primitive, eqn.params) + ((j,) if len(eqn.outvars) > 1 else ())
           env[v] = (leaf, path.then(step, permutes=permutes))
       elif kinds == {_rules.CALL}:
@@ -159,7 +159,7 @@ def trace(apply_fn: Callable, params, example) -> Plan:
       else:
         if len(live) > 1 and kinds <= {_rules.LINEAR, _rules.ADDITIVE}:
           reason = f"{name} of two parameter operands"
-        elif name == "gather":
+        elif _rules.entry(name).factor is _rules.Factor.ROWS:
           reason = "gather indices"
         else:
           reason = name

@@ -76,12 +76,13 @@ def split(plan: _uses.Plan) -> Split | None:
   eqns = jaxpr.eqns
   example = lambda v: isinstance(v, jcore.Var) and ((), v) in plan.depends
   param_only = [not any(example(v) for v in e.invars) for e in eqns]
-  # seeds: top-level, parameter-only equations at which the walk stopped a leaf
+  # seeds: top-level, parameter-only equations at which (or inside which: jnp.where is a
+  # jit of select_n) the walk stopped a leaf
   seeds: set = set()
   reasons: dict = {}  # leaf -> the op that made it a transform
   for leaf, sites in plan.block_sites.items():
     for site, reason in zip(sites, plan.blocked[leaf]):
-      if site is not None and len(site) == 1 and param_only[site[0]]:
+      if site is not None and param_only[site[0]]:
         seeds.add(site[0])
         reasons.setdefault(leaf, reason)
   if not seeds:

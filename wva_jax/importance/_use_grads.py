@@ -11,7 +11,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from wva_jax.importance import _uses
+from wva_jax.importance import _rules, _uses
 from wva_jax.importance._uses import Use
 
 
@@ -82,7 +82,7 @@ def closed_over_grad(use: Use, others, d, leaf_shape):
 def patchable(use: Use) -> bool:
   """A convolution (grouped or not) whose parameter is the kernel."""
   p = use.eqn.params
-  return (use.prim == "conv_general_dilated" and use.operand == 1
+  return (use.factor is _rules.Factor.PATCHES and use.operand == 1
           and p["batch_group_count"] == 1)
 
 

@@ -54,12 +54,21 @@ class Use:
     return self.eqn.primitive.name
 
   @property
+  def entry(self) -> _rules.Entry:
+    return _rules.entry(self.prim)
+
+  @property
   def kind(self) -> str:
-    return _rules.kind(self.prim)
+    """The name ``engine_report`` gives this use (``'dense'``, ``'conv'``, ``'bias'``...)."""
+    return self.entry.kind or self.prim
+
+  @property
+  def factor(self) -> _rules.Factor | None:
+    return self.entry.factor
 
   @property
   def additive(self) -> bool:
-    return _rules.is_additive(self.prim)
+    return self.entry.treatment is _rules.ADDITIVE
 
   @property
   def loops(self) -> tuple:

@@ -7,9 +7,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from wva_jax.importance import _interpret, _model_io, _trace, _use_grads, _uses
+from wva_jax.importance import _interpret, _model_io, _rules, _trace, _use_grads, _uses
 from wva_jax.importance._engine import FallbackWarning, check_model
 from wva_jax.importance._per_example import chunked, num_examples, resolve_chunk_size, scan_chunks
+from wva_jax.importance._rules import Factor
 
 # SIG keeps only per-site sums of |activations| between chunks, so chunks can be big.
 SIG_CHUNK_SIZE = 1024
@@ -114,8 +115,8 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   if magnitude:
     listed = ", ".join(f"{names[i]!r} ({plan.blocked[i][0]})" for i in magnitude[:8])
     warnings.warn(f"sig cannot follow {len(magnitude)} parameter leaves into the model and gives them "
-                  f"the magnitude rule |w| instead of |w| x signal: {listed}. sig follows dot_general, "
-                  "conv, mul, gather, add and sub (through jit, remat, scan and layout ops)",
+                  f"the magnitude rule |w| instead of |w| x signal: {listed}. sig follows "
+                  f"{', '.join(_rules.uses())} (through jit, remat, scan and layout ops)",
                   FallbackWarning, stacklevel=2)
   floats = [i for i in floats if i not in magnitude]
   sites = plan.sites(floats)
@@ -131,7 +132,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
     if use.additive:
       return jnp.abs(_use_grads.as_f32(out))
     (other,) = [a for k, a in enumerate(invals) if k != use.operand]
-    return other if use.prim == "gather" else jnp.abs(_use_grads.as_f32(other))
+    return other if use.factor is Factor.ROWS else jnp.abs(_use_grads.as_f32(other))
 
   def position_weights(m, shape, use):
     """``m`` [P...] shaped to broadcast against one iteration's signal ``shape`` (1, P..., rest)."""
@@ -146,7 +147,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
       c = signal(use, invals, out)
       if m is None or not use.data:  # a signal that is not the example's (1 + w): no positions
         return c, None
-      if use.prim == "gather":  # indices: weight the rows they pick
+      if use.factor is Factor.ROWS:  # indices: weight the rows they pick
         return c, position_weights(m, out.shape, use)
       if m is not None:
         c = c * position_weights(m, c.shape, use)
@@ -160,7 +161,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
     acc = {}
     for u in sites:
       c, weights = caps[u.site]  # [chunk, *loops, ...]
-      if u.prim == "gather":
+      if u.factor is Factor.ROWS:
         # not linear in the indices: count rows per chunk (ones masked by valid)
         w0 = jnp.zeros(u.eqn.invars[0].aval.shape, jnp.float32)
         out_shape = u.eqn.outvars[0].aval.shape
@@ -179,7 +180,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
         acc[u.site] = jnp.tensordot(v, c, axes=1)
     return acc
 
-  init = {u.site: jnp.zeros(u.loops + (u.eqn.invars[0].aval.shape if u.prim == "gather" else
+  init = {u.site: jnp.zeros(u.loops + (u.eqn.invars[0].aval.shape if u.factor is Factor.ROWS else
                                        (u.eqn.outvars[0] if u.additive else
                                         u.eqn.invars[1 - u.operand]).aval.shape), jnp.float32)
           for u in sites}
@@ -193,7 +194,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
       g = _uses.looped(u, lambda sl: jnp.abs(_use_grads.operand_grad(u, None, sl)))(s)
       imp[u.leaf] = imp[u.leaf] + back(g)
       continue
-    if u.prim != "gather":
+    if u.factor is not Factor.ROWS:
       ones = jnp.ones(u.eqn.outvars[0].aval.shape, jnp.float32)
       w0 = jnp.zeros(u.eqn.invars[u.operand].aval.shape, jnp.float32)
 
