@@ -75,7 +75,7 @@ class FallbackWarning(UserWarning):
 
 class How(enum.Enum):
   """The path a parameter leaf takes through the engine."""
-  OUTER = "dense"  # one dense use, one position per example: one matmul R(X)^T R(D) per chunk
+  OUTER = "outer"  # one dense use, one position per example: one matmul R(X)^T R(D) per chunk
   PER_EXAMPLE = "per-example"  # per-example gradient of the leaf alone, from its uses' captures
   TRANSFORM = "transform"  # read through a parameter transform: pulled back through its VJP
   FALLBACK = "fallback"  # per-example vjp restricted to the leaf

@@ -132,8 +132,8 @@ REGISTRY: dict[str, Entry] = {
     **{n: _(ZERO) for n in ("stop_gradient", "sign", "floor", "ceil", "round", "is_finite",
                             "eq", "ne", "lt", "le", "gt", "ge")},
     **{n: _(ZERO, along="axes") for n in ("argmax", "argmin")},
-    # select_n(pred, *cases): zero through the predicate, opaque in a case (a mask the engine
-    # does not factor); see rule()
+    # select_n(pred, *cases): opaque in a case (a mask the engine does not factor); the
+    # predicate is boolean, so rule() gives it ZERO like any non-float operand
     "select_n": _(OPAQUE),
     # what the independence check names when a model mixes examples (opaque to a parameter)
     **{n: _(None, along="axes") for n in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
@@ -169,8 +169,6 @@ def rule(eqn, operand: int) -> Treatment:
     return LAYOUT if single else OPAQUE
   if t is LINEAR and entry(name).factor is Factor.ROWS and operand != 0:
     return OPAQUE  # a gather is linear in the table it reads, not in its indices
-  if name == "select_n" and operand == 0:
-    return ZERO
   return t
 
 
