@@ -55,6 +55,19 @@ def check_scalar_or_schedule(value: Any, name: str) -> None:
     check_strength(value, name)
 
 
+def check_tree_arg(value: Any, name: str, factory: str) -> None:
+  """``value`` must be a tree of arrays (or ``None``): a bare number here is almost always a strength
+  passed by position (``wva_sgd(0.1, 10.0)``), which would otherwise fail later, at ``init``, with a
+  tree-structure error that never says ``strength=``."""
+  if value is None or isinstance(value, (str, bytes)):
+    if value is not None:
+      raise TypeError(f"{name} must be a pytree of arrays shaped like the params, got {value!r}")
+    return
+  if isinstance(value, (int, float, complex)) or (hasattr(value, "shape") and jnp.shape(value) == ()):
+    raise ValueError(f"{factory}: {name} must be a pytree of arrays shaped like the params (or None), got the "
+                     f"scalar {value!r}; to set the strength, pass it by keyword: {factory}(..., strength={value!r})")
+
+
 def check_choice(value: Any, choices: Iterable[Any], name: str) -> None:
   choices = tuple(choices)
   if value not in choices:

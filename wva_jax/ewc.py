@@ -14,8 +14,10 @@ from wva_jax._checks import (
   check_like_params,
   check_scalar_or_schedule,
   check_strength,
+  check_tree_arg,
 )
 from wva_jax._copy import fresh_tree
+from wva_jax._fit import fit_like
 from wva_jax.wva import check_storage_dtype, init_count, init_importance, next_count, strength_at
 
 
@@ -61,7 +63,9 @@ def ewc_penalty(params: optax.Params, anchor: optax.Params, importance: optax.Pa
   return jnp.asarray(0.5 * strength * sum(jax.tree_util.tree_leaves(terms)))
 
 
-def _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate=None):
+def _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate=None, factory="add_ewc"):
+  check_tree_arg(anchor, "anchor", factory)
+  check_tree_arg(importance, "importance", factory)
   check_scalar_or_schedule(strength, "strength")
   importance_dtype = check_storage_dtype(importance_dtype)
   if importance is not None:
@@ -70,13 +74,12 @@ def _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate=N
     check_finite(anchor, "anchor")
 
   def init_fn(params):
-    if anchor is not None:
-      check_like_params(anchor, params, "anchor")
+    fitted = None if anchor is None else fit_like(anchor, params, "anchor", what="params")
     # No anchor yet: anchor at the initial params (the penalty is zero anyway
     # while the importance is zero). Always a copy, never the caller's buffers:
     # a step jitted with donate_argnums=(0, 1) would otherwise donate the
     # params twice (wva_jax/_copy.py).
-    return EWCState(anchor=fresh_tree(params if anchor is None else anchor),
+    return EWCState(anchor=fresh_tree(params if anchor is None else fitted),
                     importance=init_importance(importance, params, importance_dtype),
                     count=init_count(strength, learning_rate))
 
@@ -200,7 +203,7 @@ def implicit_ewc(anchor: optax.Params | None = None, importance: optax.Params | 
     >>> state = tx.init(params)
   """
   check_scalar_or_schedule(learning_rate, "learning_rate")
-  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate)
+  init_fn = _ewc_factory(anchor, importance, strength, importance_dtype, learning_rate, "implicit_ewc")
 
   def update_fn(updates, state, params=None):
     if params is None:

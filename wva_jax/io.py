@@ -48,19 +48,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wva_jax._paths import key_name as _key_name
 from wva_jax._variables import is_variable as _is_variable
 from wva_jax._variables import unwrap as _unwrap
 
 FORMAT = "wva_jax.importance"
 _RESERVED = ("format", "wva_jax_version", "wva_jax_structure")
-
-
-def _key_name(k: Any) -> str | int:
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      v = getattr(k, attr)
-      return v if isinstance(v, int) else str(v)
-  return str(k)
 
 
 def _name(path: tuple) -> str:

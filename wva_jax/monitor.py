@@ -10,6 +10,7 @@ import optax
 from jax.typing import ArrayLike
 
 from wva_jax._checks import check_choice
+from wva_jax._fit import fit_like
 from wva_jax.ewc import EWCState
 from wva_jax.importance.si import PathIntegralState
 from wva_jax.lora import LoRAState, lora_ewc_penalty, lora_pullback
@@ -44,12 +45,20 @@ def _arrays(tree: Any) -> Any:
                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _same(tree: Any, like: Any, name: str, kind: str) -> None:
-  t_def: Any = jax.tree_util.tree_structure(tree)
-  l_def: Any = jax.tree_util.tree_structure(like)
-  if t_def != l_def:
-    raise ValueError(f"{name} has tree structure {t_def}, but the {kind} state's trees have {l_def} "
-                     "(pass the params that optimizer updates)")
+def _fit(tree: Any, like: Any, name: str, kind: str) -> Any:
+  """``tree`` (shaped like the params) fitted by path to the {kind} state's tree (masked states hold part of it)."""
+  return fit_like(tree, like, name, what=f"the {kind} state")
+
+
+def _strength_at(st: Any, s: Any, kind: str) -> Any:
+  """A schedule is read at the state's step count, as the transform reads it."""
+  if not callable(st):
+    return st
+  count = getattr(s, "count", None)
+  if count is None:
+    raise ValueError(f"strength for {kind!r} is a schedule, but the {kind} state was built with a constant "
+                     "strength and keeps no step count: pass the number the transform uses")
+  return st(count)
 
 
 def training_metrics(opt_state: Any, params: optax.Params | None = None, grads: optax.Updates | None = None, *,
@@ -92,7 +101,8 @@ def training_metrics(opt_state: Any, params: optax.Params | None = None, grads: 
     params: the parameters the optimizer updates (the adapters for LoRA).
     grads: this step's gradients, shaped like ``params``.
     strength: :math:`\lambda` of the transforms (it is not in their state): one
-      scalar for all, or ``{'wva': .., 'ewc': .., 'lora': ..}``.
+      scalar or ``optax`` schedule for all, or ``{'wva': .., 'ewc': .., 'lora': ..}``;
+      a schedule is read at the state's step count, as the transform reads it.
     viscosity: ``'hyperbolic'`` or ``'exponential'`` (WVA's and LoRA-WVA's).
     quantiles: importance quantiles to report, each in [0, 1].
 
@@ -136,19 +146,18 @@ def training_metrics(opt_state: Any, params: optax.Params | None = None, grads: 
         qs = jnp.quantile(flat, jnp.asarray([float(q) for q in quantiles], _F32))
         for q, v in zip(quantiles, qs):
           out[f"{p}/importance_p{_pct(q)}"] = v
-      st = lam(kind)
+      st = _strength_at(lam(kind), s, kind)
       if kind == "wva" and st is not None:
         a = attenuation(imp, st, viscosity)
         af = _flat(a)
         out[f"{p}/attenuation_mean"] = jnp.mean(af)
         out[f"{p}/attenuation_min"] = jnp.min(af)
         if grads is not None:
-          _same(grads, imp, "grads", kind)
+          g = _fit(grads, imp, "grads", kind)
           out[f"{p}/attenuated_grad_ratio"] = _norm(jax.tree_util.tree_map(
-              lambda g, f: jnp.asarray(g).astype(_F32) * f, grads, a)) / _norm(grads)
+              lambda g, f: jnp.asarray(g).astype(_F32) * f, g, a)) / _norm(g)
       if kind == "ewc" and params is not None:
-        _same(params, s.anchor, "params", kind)
-        d = _sub(params, s.anchor)
+        d = _sub(_fit(params, s.anchor, "params", kind), s.anchor)
         out[f"{p}/drift"] = _norm(d)
         fd = 0.5 * sum((jnp.sum(jnp.asarray(f).astype(_F32) * jnp.square(x))
                         for f, x in zip(jax.tree_util.tree_leaves(imp), jax.tree_util.tree_leaves(d))),
@@ -159,7 +168,7 @@ def training_metrics(opt_state: Any, params: optax.Params | None = None, grads: 
           if grads is not None:
             pull = jax.tree_util.tree_map(lambda f, x: jnp.asarray(st, _F32) * jnp.asarray(f).astype(_F32) * x,
                                           imp, d)
-            out[f"{p}/pull_to_grad_ratio"] = _norm(pull) / _norm(grads)
+            out[f"{p}/pull_to_grad_ratio"] = _norm(pull) / _norm(_fit(grads, imp, "grads", kind))
       if kind == "lora" and params is not None:
         out[f"{p}/fisher_drift"] = lora_ewc_penalty(params, imp, 1.0)
         if st is not None:
@@ -168,8 +177,7 @@ def training_metrics(opt_state: Any, params: optax.Params | None = None, grads: 
           out[f"{p}/attenuation_mean"] = jnp.mean(af)
           out[f"{p}/attenuation_min"] = jnp.min(af)
       if kind == "si" and params is not None:
-        _same(params, s.start, "params", kind)
-        out[f"{p}/drift"] = _norm(_sub(params, s.start))
+        out[f"{p}/drift"] = _norm(_sub(_fit(params, s.start, "params", kind), s.start))
   if not out:
     raise ValueError("opt_state contains no WVAState, EWCState, LoRAState or PathIntegralState")
   return out

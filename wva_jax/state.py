@@ -1,7 +1,7 @@
 """Swapping a new task's importance or anchor into an existing optimizer state."""
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +12,11 @@ from wva_jax._checks import (
   check_choice,
   check_finite,
   check_importance_values,
-  check_like_params,
   check_strength,
   concrete_scalar,
 )
 from wva_jax._copy import fresh, fresh_tree
+from wva_jax._fit import fit_like, matched_leaves
 from wva_jax.ewc import EWCState
 from wva_jax.importance.si import PathIntegralState
 from wva_jax.lora import LoRAState
@@ -62,25 +62,20 @@ def find_states(opt_state, types: tuple) -> list:
 
 
 def _set_in_place(optimizer, types, field: str, value, check):
-  """``nnx.Optimizer`` keeps its state in mutable variables: write their values."""
+  """``nnx.Optimizer`` keeps its state in mutable variables: write their values (matched by path)."""
   variable = _nnx_variable_type()
   is_target = lambda x: isinstance(x, types)
   targets = [s for s in jax.tree_util.tree_leaves(optimizer.opt_state, is_leaf=is_target)
              if is_target(s)]
   if not targets:
     raise ValueError(f"the nnx.Optimizer's state contains no {' or '.join(t.__name__ for t in types)}")
-  new_leaves = jax.tree_util.tree_leaves(value)
+  writes = []
   for s in targets:
-    slots = jax.tree_util.tree_leaves(getattr(s, field), is_leaf=lambda v: isinstance(v, variable))
-    if len(slots) != len(new_leaves):
-      raise ValueError(f"{field} has {len(new_leaves)} leaves, the optimizer's state has {len(slots)}")
-    for slot, new in zip(slots, new_leaves):
-      if jnp.shape(new) != jnp.shape(slot.get_value()):
-        raise ValueError(f"{field} leaf of shape {jnp.shape(new)} does not fit "
-                         f"the state's {jnp.shape(slot.get_value())}")
+    tree = getattr(s, field)
+    slots = jax.tree_util.tree_leaves(tree, is_leaf=lambda v: isinstance(v, variable))
+    writes.append((slots, matched_leaves(value, tree, field)))
   check(value, field)
-  for s in targets:
-    slots = jax.tree_util.tree_leaves(getattr(s, field), is_leaf=lambda v: isinstance(v, variable))
+  for slots, new_leaves in writes:
     for slot, new in zip(slots, new_leaves):
       slot.set_value(fresh(new, slot.get_value().dtype))
   return optimizer
@@ -96,12 +91,12 @@ def _replace(opt_state, types, field: str, value, check):
     if not is_target(s):
       return s
     old = getattr(s, field)
-    check_like_params(value, old, field)
+    fitted = fit_like(value, old, field)
     found.append(s)
     # Keep the state's dtypes (float32 by default; a lower-precision state stays so),
     # in new buffers: one per state, never the caller's (a donated state would
     # delete the caller's array or donate the params twice).
-    new = jax.tree_util.tree_map(lambda v, o: fresh(v, jnp.result_type(o)), value, old)
+    new = jax.tree_util.tree_map(lambda v, o: fresh(v, jnp.result_type(o)), fitted, old)
     return s._replace(**{field: new})
 
   new_state = jax.tree_util.tree_map(swap, opt_state, is_leaf=is_target)
@@ -228,29 +223,14 @@ def consolidate(opt_state: _S, params: optax.Params, importance: optax.Params, *
   if _is_nnx_optimizer(opt_state):
     from flax import nnx
     pure = nnx.as_pure(opt_state.opt_state)   # type: ignore[attr-defined]
-    new = _consolidate(pure, nnx.as_pure(params), nnx.as_pure(importance), replace, gamma, _fit_leaves)
+    new = _consolidate(pure, nnx.as_pure(params), nnx.as_pure(importance), replace, gamma)
     nnx.update(opt_state.opt_state, nnx.state(new))   # type: ignore[attr-defined]
     return opt_state
-  return _consolidate(opt_state, params, importance, replace, gamma, _fit_tree)
+  return _consolidate(opt_state, params, importance, replace, gamma)
 
 
-def _fit_tree(value: Any, like: Any, name: str) -> Any:
-  check_like_params(value, like, name)
-  return value
-
-
-def _fit_leaves(value: Any, like: Any, name: str) -> Any:
-  """``value``'s leaves in ``like``'s structure (an ``nnx.State`` and the optimizer's pure state differ in type)."""
-  leaves, like_leaves = jax.tree_util.tree_leaves(value), jax.tree_util.tree_leaves(like)
-  if len(leaves) != len(like_leaves):
-    raise ValueError(f"{name} has {len(leaves)} leaves, the optimizer's state has {len(like_leaves)}")
-  for new, old in zip(leaves, like_leaves):
-    if jnp.shape(new) != jnp.shape(old):
-      raise ValueError(f"{name} leaf of shape {jnp.shape(new)} does not fit the state's {jnp.shape(old)}")
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
-
-
-def _consolidate(opt_state, params, importance, replace, gamma, fit):
+def _consolidate(opt_state, params, importance, replace, gamma):
+  fit = fit_like
   types = (*_IMPORTANCE_STATES, PathIntegralState)
   is_target = lambda x: isinstance(x, types)
   found = []

@@ -11,10 +11,11 @@ from jax.typing import ArrayLike, DTypeLike
 from wva_jax._checks import (
   check_choice,
   check_importance_values,
-  check_like_params,
   check_scalar_or_schedule,
+  check_tree_arg,
 )
 from wva_jax._copy import fresh_tree
+from wva_jax._fit import fit_like
 
 VISCOSITIES = ("hyperbolic", "exponential")
 
@@ -80,7 +81,9 @@ def init_importance(importance: optax.Params | None, params: optax.Params,
   if importance is None:
     # zeros_like keeps each parameter's sharding (jnp.zeros would put it on one device).
     return jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
-  check_like_params(importance, params, name)
+  # matched by path: a flat {'layers/0/kernel': ...} dict fits, and inside optax.masked /
+  # partition only the params this transform updates are kept (wva_jax/_fit.py)
+  importance = fit_like(importance, params, name, what="params")
   # A copy, never the caller's array: a donated state would delete it (wva_jax/_copy.py).
   return fresh_tree(importance, dtype)
 
@@ -160,6 +163,7 @@ def wva_scale(importance: optax.Params | None = None, strength: optax.ScalarOrSc
   """
   check_scalar_or_schedule(strength, "strength")
   check_choice(viscosity, VISCOSITIES, "viscosity")
+  check_tree_arg(importance, "importance", "wva_scale")
   importance_dtype = check_storage_dtype(importance_dtype)
   if importance is not None:
     check_importance_values(importance)
@@ -187,6 +191,7 @@ def wva_sgd(learning_rate: optax.ScalarOrSchedule, importance: optax.Params | No
     >>> tx = wj.wva_sgd(0.2, {'w': jnp.ones(3)}, strength=10.0)
     >>> state = tx.init({'w': jnp.zeros(3)})
   """
+  check_tree_arg(importance, "importance", "wva_sgd")
   return optax.chain(optax.sgd(learning_rate), wva_scale(importance, strength, viscosity=viscosity,
                                                         importance_dtype=importance_dtype))
 
@@ -244,6 +249,7 @@ def wva_adam(learning_rate: optax.ScalarOrSchedule, importance: optax.Params | N
     >>> bf16.init({'w': jnp.zeros(3, jnp.bfloat16)})[0][0].nu['w'].dtype
     dtype('float32')
   """
+  check_tree_arg(importance, "importance", "wva_adam")
   adam: optax.GradientTransformation = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                                                   mu_dtype=mu_dtype, nesterov=nesterov)
   if nu_dtype is not None:

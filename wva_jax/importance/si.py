@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wva_jax._checks import check_like_params, check_positive
+from wva_jax._checks import check_positive
 from wva_jax._copy import fresh_tree
+from wva_jax._fit import fit_like
 
 
 class PathIntegralState(NamedTuple):
@@ -129,7 +130,7 @@ def si(opt_state: optax.OptState, params: optax.Params, *, damping: float = 0.1)
   if len(states) != 1:
     raise ValueError(f"opt_state must contain exactly one PathIntegralState, found {len(states)}")
   (state,) = states
-  check_like_params(params, state.omega, "params")
+  params = fit_like(params, state.omega, "params")
   return jax.tree_util.tree_map(
       lambda w, p, s: jnp.maximum(w, 0.0) / (jnp.square(p.astype(jnp.float32) - s.astype(jnp.float32)) + damping),
       state.omega, params, state.start)
@@ -156,9 +157,9 @@ def restart_path(opt_state, params):
     if not is_pi(s):
       return s
     found.append(s)
-    check_like_params(params, s.omega, "params")
-    # start: a copy of params, never the caller's buffers (a donated state would share them).
-    return s._replace(omega=jax.tree_util.tree_map(jnp.zeros_like, s.omega), start=fresh_tree(params))
+    # start: a copy of params (matched by path), never the caller's buffers (a donated state would share them).
+    start = fresh_tree(fit_like(params, s.omega, "params"))
+    return s._replace(omega=jax.tree_util.tree_map(jnp.zeros_like, s.omega), start=start)
 
   new_state = jax.tree_util.tree_map(restart, opt_state, is_leaf=is_pi)
   if not found:

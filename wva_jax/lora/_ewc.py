@@ -136,7 +136,7 @@ def add_lora_ewc(kernel_importance: optax.Params | None = None, strength: optax.
     >>> round(float(u['w']['A'][0, 0]), 4), round(float(u['w']['B'][0, 0]), 4)   # -0.1 * (18, 6)
     (-1.8, -0.6)
   """
-  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype)
+  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype, "add_lora_ewc")
 
   def update_fn(updates, state, params=None):
     if params is None:

@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from wva_jax._checks import check_importance_values, check_scalar_or_schedule
+from wva_jax._checks import check_importance_values, check_scalar_or_schedule, check_tree_arg
 from wva_jax._copy import fresh_tree
 from wva_jax.lora._adapters import _flatten, _importance_leaves, _importance_tree
 from wva_jax.wva import check_storage_dtype, init_count
@@ -37,7 +37,8 @@ def _lora_init(importance, importance_dtype, strength):
   return init_fn
 
 
-def _check_lora_factory(kernel_importance, strength, importance_dtype):
+def _check_lora_factory(kernel_importance, strength, importance_dtype, factory):
+  check_tree_arg(kernel_importance, "kernel_importance", factory)
   check_scalar_or_schedule(strength, "strength")
   importance_dtype = check_storage_dtype(importance_dtype)
   if kernel_importance is not None:

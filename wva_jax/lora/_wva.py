@@ -88,7 +88,7 @@ def lora_wva_scale(kernel_importance: optax.Params | None = None, strength: opta
     (-0.1818, -0.3333)
   """
   check_choice(viscosity, VISCOSITIES, "viscosity")
-  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype)
+  importance_dtype = _check_lora_factory(kernel_importance, strength, importance_dtype, "lora_wva_scale")
 
   def update_fn(updates, state, params=None):
     if params is None:
