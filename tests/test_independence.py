@@ -173,3 +173,46 @@ def test_a_jitted_mixing_model_is_refused_on_every_call():
   for _ in range(2):   # a refusal never marks the model as passed
     with pytest.raises(Exception, match="apply_fn mixes examples"):
       jax.block_until_ready(f(P))
+
+
+def _gated(p, x):
+  """Batch-independent while the gate ``g`` is 0; mixes examples (a batch mean) once it moves."""
+  h = x @ p["w"]
+  return h + p["g"] * jnp.mean(h, axis=0, keepdims=True)
+
+
+def _gate(value):
+  return {"w": jnp.ones((3, 4)) * 0.1, "g": jnp.asarray(value, jnp.float32)}
+
+
+def test_a_pass_holds_for_the_values_it_was_probed_on():
+  # issue 27 item 2: the model passes at g=0; after "training" (g=1) it mixes and must be refused,
+  # eagerly and in a jitted estimator, not served from the cache of the first pass.
+  x, y = jnp.arange(24.0).reshape(8, 3) / 10, jnp.arange(8) % 4
+  model = lambda p, x: _gated(p, x)   # a fresh function: nothing cached for it
+  wj.importance.fisher(model, _gate(0.0), x, y)
+  wj.importance.fisher(model, _gate(0.0), x, y)   # same values: cached
+  with pytest.raises(ValueError, match="mixes examples"):
+    wj.importance.fisher(model, _gate(1.0), x, y)
+  jitted = jax.jit(lambda p: wj.importance.mas(model, p, x))
+  jax.block_until_ready(jitted(_gate(0.0)))
+  with pytest.raises(Exception, match="mixes examples"):
+    jax.block_until_ready(jitted(_gate(1.0)))
+
+
+def test_a_training_step_probes_every_nth_call():
+  x, y = jnp.arange(24.0).reshape(8, 3) / 10, jnp.arange(8) % 4
+  model = lambda p, x: _gated(p, x)
+  step = jax.jit(lambda p: wj.importance.grad_and_fisher(model, p, x, y, probe=3))
+  jax.block_until_ready(step(_gate(0.0)))   # call 1: probed, passes
+  for _ in range(2):                        # calls 2, 3: between probes
+    jax.block_until_ready(step(_gate(1.0)))
+  with pytest.raises(Exception, match="mixes examples"):   # call 4: probed again
+    jax.block_until_ready(step(_gate(1.0)))
+  every = jax.jit(lambda p: wj.importance.grad_and_fisher(model, p, x, y, probe=True))
+  with pytest.raises(Exception, match="mixes examples"):
+    jax.block_until_ready(every(_gate(2.0)))
+  never = jax.jit(lambda p: wj.importance.grad_and_fisher(model, p, x, y, probe=False))
+  jax.block_until_ready(never(_gate(2.0)))   # the caller vouches
+  with pytest.raises(ValueError, match="probe must be"):
+    wj.importance.fisher(model, _gate(0.0), x, y, probe=0)

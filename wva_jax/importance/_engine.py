@@ -43,8 +43,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from wva_jax.importance import _independence, _interpret, _model_io, _trace, _transforms, _use_grads, _uses
+from wva_jax.importance._mesh import on_auto_axes
 from wva_jax.importance._per_example import (
   DEFAULT_CHUNK_SIZE,
   chunked,
@@ -175,13 +177,19 @@ def _plan(apply_fn, params, inputs) -> Route:
 
 
 def engine_report(apply_fn, params, inputs) -> dict[str, str]:
-  """Which path the factored engine takes for each parameter leaf.
+  """Which path the factored engine takes for each parameter leaf: the pre-flight check.
+
+  It runs the checks every estimator runs first, so a model it accepts is one
+  the estimators accept: one array of outputs, a float parameter that reaches
+  them, and the batch-independence probe (a ``ValueError`` naming the
+  operation when ``outputs[b]`` depends on other examples).
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> outputs``, batched, with
       ``outputs[b]`` depending on ``inputs[b]`` only.
     params: the parameter pytree.
-    inputs: a batch (only its first example is used, to trace the model).
+    inputs: a batch (the probe changes its first examples; the paths are
+      traced on its first example).
 
   Returns:
     ``{'layers/0/kernel': 'dense', ...}``. Paths: ``'dense'`` (one matmul of
@@ -200,14 +208,23 @@ def engine_report(apply_fn, params, inputs) -> dict[str, str]:
     {'b': 'bias', 'w': 'dense'}
   """
   num_examples(inputs)
-  return {n: r.label for n, r in zip(_model_io.leaf_paths(params), _plan(apply_fn, params, inputs).report)}
+  labels: list[str] = []
+
+  @on_auto_axes(("params", "inputs"), lambda specs: PartitionSpec())
+  def run(params, inputs):   # traced under auto_axes on an Explicit mesh: the labels are collected then
+    check_model(apply_fn, params, inputs)
+    labels.extend(r.label for r in _plan(apply_fn, params, inputs).report)
+    return jnp.zeros((), jnp.float32)
+
+  jax.block_until_ready(run(params, inputs))   # a traced probe raises when its result is ready
+  return dict(zip(_model_io.leaf_paths(params), labels))
 
 
-def check_model(apply_fn, params, inputs, what: str = "outputs"):
+def check_model(apply_fn, params, inputs, what: str = "outputs", probe: bool | int = True):
   """One array of outputs, per example: the contract every estimator relies on."""
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
   out = _model_io.check_output(apply_fn, params, example, what)
-  _independence.check(apply_fn, params, inputs)
+  _independence.check(apply_fn, params, inputs, probe)
   return out
 
 

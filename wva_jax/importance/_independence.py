@@ -22,7 +22,24 @@ turn and checks that no other example's output moves:
   tolerance for reordered float sums, e.g. ragged groups of another size).
   A competition that this one change does not trigger is not seen.
 
-A model passes once per shape signature (a weak cache keyed by ``apply_fn``).
+A pass holds for the parameter values it was probed on, not for the model:
+a gate that starts at zero or routing that is balanced at init passes, and
+the same model mixes examples once training moves it. So the estimators'
+``probe`` argument decides when to probe again:
+
+* ``True`` (``fisher``, ``mas``, ``sig``): whenever the parameter values are
+  new. The values are recognised by a fingerprint (each leaf's sum and sum of
+  squares, in float32): computed where the arrays live, one read of the
+  params; under ``jit`` it goes to the host with a callback that decides
+  whether the compiled probe branch runs. Repeated calls on the same values
+  (chunks, benchmarks, several batches) probe once.
+* an int ``n`` (``grad_and_fisher``'s default, ``PROBE_EVERY``): in a trace,
+  the first call and every ``n``-th call after it, whatever the values (a
+  training step has new ones every call, and probing each would cost more
+  than the step); a model that starts to mix is refused within ``n`` steps.
+  Concrete calls probe as with ``True``.
+* ``False``: never; the caller vouches for the model.
+
 With concrete arrays the probe runs at once and refuses by ``ValueError``;
 inside a trace (the estimator called under ``jax.jit``) it runs with the
 computation and a host callback raises the same message at run time. The
@@ -150,9 +167,30 @@ def _message(detail: str) -> str:
           "and do not roll, reverse or index along the batch axis")
 
 
-# apply_fn -> signatures (shapes and dtypes of params and probe batch) already probed and
-# passed: each model is probed once per compiled shape, as the engine compiles once.
+# How often grad_and_fisher / loss_and_fisher probe inside a trace (a training step): the probe
+# costs about one more step (zoo nnx transformer: 2.28x value_and_grad with it in every step,
+# 1.12x without), so every 50th step adds about 2%.
+PROBE_EVERY = 50
+
+
+def check_probe(probe) -> None:
+  if isinstance(probe, bool):
+    return
+  if not isinstance(probe, int) or probe < 1:
+    raise ValueError(f"probe must be True, False or a positive int (probe every n-th traced call), got {probe!r}")
+
+
+# apply_fn -> {signature (shapes and dtypes of params and probe batch): _Entry}: what was probed
+# and passed, per compiled shape (a weak cache: a model's entries go with its apply_fn).
 _PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Entry:
+  """The fingerprint of the parameter values that last passed, and the traced calls counted."""
+
+  def __init__(self):
+    self.fingerprint: bytes | None = None
+    self.calls = 0
 
 
 def _signature(params, x) -> tuple:
@@ -161,57 +199,84 @@ def _signature(params, x) -> tuple:
   return sig(params) + sig(x)
 
 
-def _passed(apply_fn) -> set:
+def _entries(apply_fn) -> dict:
   try:
-    return _PASSED.setdefault(apply_fn, set())
+    return _PASSED.setdefault(apply_fn, {})
   except TypeError:  # not weak-referenceable (a functools.partial of a builtin...): no cache
-    return set()
+    return {}
 
 
-def check(apply_fn: Callable, params, inputs) -> None:
+def _fingerprint(params) -> jax.Array:
+  """Each leaf's sum and sum of squares (float32): new parameter values give a new fingerprint."""
+  leaves = [jnp.asarray(l).astype(jnp.float32) for l in jax.tree_util.tree_leaves(params)]
+  if not leaves:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.stack([f(l) for l in leaves for f in (jnp.sum, lambda l: jnp.sum(l * l))])
+
+
+_jit_fingerprint = jax.jit(_fingerprint)
+
+
+def check(apply_fn: Callable, params, inputs, probe: bool | int = True) -> None:
   """Refuses a model whose outputs mix examples; see the module docstring."""
+  check_probe(probe)
+  if probe is False:
+    return
   leaves = jax.tree_util.tree_leaves(inputs)
   k = min(int(jnp.shape(leaves[0])[0]), PROBE_EXAMPLES)
   if k < 2:
     return
   x = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:k], inputs)
   signature = _signature(params, x)
-  passed = _passed(apply_fn)
-  if signature in passed:
-    return
+  entries = _entries(apply_fn)
+  entry = entries.get(signature) or _Entry()
   example = jax.tree_util.tree_map(lambda a: a[:1], x)
   # Under an outer trace every op is staged, on concrete arrays too (an unused zero is dropped).
   traced = isinstance(jnp.zeros(()), jax.core.Tracer) or any(
       isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves((params, x)))
   if not traced:
+    fingerprint = np.asarray(_jit_fingerprint(params)).tobytes()
+    if entry.fingerprint == fingerprint:
+      return
     if bool(jax.jit(lambda p, x: _moved(apply_fn, p, x))(params, x)):
       raise ValueError(_message(suspect(apply_fn, params, example)))
-    passed.add(signature)
+    entry.fingerprint = fingerprint
+    entries[signature] = entry
     return
   # the op's name only when refusing: no symbolic trace on the traces of a model that passes
   structs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
                                    (params, example))
+  several = jax.process_count() > 1
 
-  def refuse(m):
+  def refuse(m, fingerprint):
     if np.any(np.asarray(m)):  # batched under vmap
       raise ValueError(_message(suspect(apply_fn, *structs)))
     # With several processes the callback runs in only some of them: a cache filled there
     # would make the next trace differ between processes, and their collectives hang.
-    if jax.process_count() == 1:
-      passed.add(signature)
+    if not several:
+      entry.fingerprint = np.asarray(fingerprint).tobytes()
+      entries[signature] = entry
 
-  def probe():
-    jax.debug.callback(refuse, jax.jit(lambda p, x: _moved(apply_fn, p, x))(params, x))
+  every = probe is not True
+  # an interval needs no fingerprint (a training step's values are new every call)
+  values = jnp.zeros((0,), jnp.float32) if every else _fingerprint(params)
 
-  if jax.process_count() > 1:
+  def run_probe():
+    jax.debug.callback(refuse, jax.jit(lambda p, x: _moved(apply_fn, p, x))(params, x), values)
+
+  if several:
     # With several processes a host callback runs in only some of them: a flag read or a
     # cache filled there would make the processes' programs diverge and their collectives hang.
-    probe()
+    run_probe()
     return
-  # The probe is in a branch taken until it has passed once, decided by a host flag: a jitted
-  # training step that calls an estimator pays for it on its first run only (grad_and_fisher in
-  # a jitted step of the zoo's nnx transformer: 2.28x value_and_grad with the probe in every
-  # step, 1.12x without).
-  done = io_callback(lambda: np.bool_(signature in passed), jax.ShapeDtypeStruct((), jnp.bool_),
-                     ordered=False)
-  jax.lax.cond(done, lambda: None, probe)
+
+  def skip(fp):
+    if every:
+      entry.calls += 1
+      return np.bool_(entry.fingerprint is not None and (entry.calls - 1) % probe != 0)
+    return np.bool_(entry.fingerprint == np.asarray(fp).tobytes())
+
+  # The probe sits in a branch that a host callback decides at run time: the compiled step
+  # skips it on the same parameter values, or between the n-th calls of a training step.
+  done = io_callback(skip, jax.ShapeDtypeStruct((), jnp.bool_), values, ordered=False)
+  jax.lax.cond(done, lambda: None, run_probe)

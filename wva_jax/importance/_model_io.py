@@ -4,6 +4,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
 
 
 def leaf_paths(params) -> list[str]:
@@ -35,8 +38,44 @@ def describe(out) -> str:
 
 
 def check_output(apply_fn: Callable, params, example, what: str = "outputs"):
-  """The output's ShapeDtypeStruct; a clear error when ``apply_fn`` returns no single array."""
-  return require_array(jax.eval_shape(apply_fn, params, example), what)
+  """The output's ShapeDtypeStruct; a clear error when ``apply_fn`` returns no single array,
+  or when no float parameter reaches it (every importance would be zero)."""
+  check_leaves(params)
+  closed, out = jax.make_jaxpr(apply_fn, return_shape=True)(params, example)
+  out = require_array(out, what)
+  n_params = len(jax.tree_util.tree_leaves(params))
+  floats = [jnp.issubdtype(jnp.result_type(l), jnp.inexact) for l in jax.tree_util.tree_leaves(params)]
+  if any(floats) and not _reaches(closed.jaxpr, floats + [False] * (len(closed.jaxpr.invars) - n_params)):
+    raise ValueError(
+        f"no float parameter reaches the {what}: apply_fn(params, inputs) ignores `params`, so every "
+        "importance would be zero. Pass the parameters into the call instead of reading the model's own "
+        "copy: Flax NNX `lambda p, x: nnx.merge(graphdef, p)(x)`; Keras 3 (JAX backend) `lambda p, x: "
+        "model.stateless_call(p, non_trainable_values, x)[0]` with p = [v.value for v in "
+        "model.trainable_variables], not `lambda p, x: model(x)`")
+  return out
+
+
+def _reaches(jaxpr, marked: list[bool]) -> bool:
+  """Whether an output depends on a marked input (a call or loop's outputs all depend on any marked
+  operand: conservative, so a model that reads its parameters is never refused)."""
+  dep = {v for v, m in zip(jaxpr.invars, marked) if m}
+  for eqn in jaxpr.eqns:
+    if any(isinstance(v, jcore.Var) and v in dep for v in eqn.invars):
+      dep.update(eqn.outvars)
+  return any(isinstance(v, jcore.Var) and v in dep for v in jaxpr.outvars)
+
+
+def check_leaves(params) -> None:
+  """Every leaf an array: a framework variable (a Keras ``Variable``, which JAX reads through
+  ``__jax_array__``) is refused here, naming the fix, instead of by JAX's opaque error later."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or not hasattr(leaf, "__jax_array__"):
+      continue
+    kind = f"{type(leaf).__module__}.{type(leaf).__name__}"
+    fix = ("pass their values, e.g. `[v.value for v in model.trainable_variables]`, and call "
+           "`model.stateless_call(p, non_trainable_values, x)[0]` in apply_fn"
+           if "keras" in kind else "pass a pytree of arrays")
+    raise TypeError(f"params{jax.tree_util.keystr(path)} is a {kind}, not an array: {fix}")
 
 
 def require_array(out, what: str = "outputs"):

@@ -8,13 +8,18 @@ import jax.numpy as jnp
 
 from wva_jax._checks import check_choice
 from wva_jax.importance._engine import check_model, gradient_sums
+from wva_jax.importance._mesh import like_params, on_auto_axes
 from wva_jax.importance._per_example import num_examples
 
+# Hugging Face's (and PyTorch's cross-entropy's) label for a position that has no loss.
+IGNORE_INDEX = -100
 MODES = ("empirical", "sampled", "exact", "reversed")
 
 
+@on_auto_axes(('params', 'inputs', 'targets', 'key', 'mask'), like_params)
 def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "empirical",
-           key=None, chunk_size: int | None = None, mask=None, engine: str = "auto"):
+           key=None, chunk_size: int | None = None, mask=None, engine: str = "auto",
+           probe: bool | int = True):
   r"""Diagonal Fisher information, a mean over examples of squared per-example scores.
 
   .. math::
@@ -60,8 +65,13 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
     params: a pytree of arrays.
     inputs: a pytree of arrays with a leading example axis ``B``.
     targets: for ``'empirical'`` and ``'reversed'``: integer classes ``[B, ...]``
-      in ``[0, C)`` (a concrete target outside is a ``ValueError``) or class
-      probabilities (e.g. one-hot) ``[B, ..., C]``. Ignored otherwise.
+      in ``[0, C)``, or ``IGNORE_INDEX`` (-100, Hugging Face's label for
+      positions without a loss): such a position is dropped exactly as
+      ``mask`` 0 drops it (the mean still divides by the ``B`` examples, as
+      with ``mask``); any other value outside ``[0, C)`` is a ``ValueError``
+      on concrete targets and makes the result NaN under ``jit`` (never a
+      silently dropped position). Or class probabilities (e.g. one-hot)
+      ``[B, ..., C]``. Ignored in the other modes.
     mode: ``'empirical'``, ``'sampled'``, ``'exact'`` or ``'reversed'``.
     key: a ``jax.random`` key, required for ``'sampled'`` (one draw per
       example and position; the draws do not depend on ``chunk_size``).
@@ -71,6 +81,11 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
     mask: optional ``[B, ...]`` weights, 1 for real positions, 0 for padding.
     engine: ``'auto'`` (fastest available) or ``'vmap'`` (chunked
       ``vmap(vjp)``, the reference path).
+    probe: when to run the batch-independence probe (``outputs[b]`` from
+      ``inputs[b]`` only): ``True`` whenever the parameter values are new
+      (a pass holds for the values it was probed on), an int ``n`` on the
+      first and every ``n``-th call inside ``jit``, ``False`` never (you
+      vouch for the model).
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -92,11 +107,11 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
     (arXiv:2603.18596): ``'reversed'``.
   """
   check_choice(mode, MODES, "mode")
-  n, positions, num_classes, extras = logits_and_mask(apply_fn, params, inputs, mask)
+  n, positions, num_classes, extras = logits_and_mask(apply_fn, params, inputs, mask, probe)
   if mode in ("empirical", "reversed"):
     if targets is None:
       raise ValueError(f"mode={mode!r} needs targets (use mode='sampled' or 'exact' without labels)")
-    extras["targets"] = checked_targets(targets, n, positions, num_classes)
+    bad = add_targets(extras, checked_targets(targets, n, positions, num_classes), num_classes)
     cot_fn = _score_cotangent(lambda logits, e: _as_probs(e["targets"], num_classes), reverse=mode == "reversed")
   elif mode == "sampled":
     if key is None:
@@ -105,16 +120,18 @@ def fisher(apply_fn: Callable, params, inputs, targets=None, *, mode: str = "emp
     cot_fn = _score_cotangent(_sampled_probs)
   else:
     cot_fn = _exact_cotangents
+  if mode not in ("empirical", "reversed"):
+    bad = None
 
   sums = gradient_sums(apply_fn, params, inputs, cot_fn, extras, reduce="square",
                        chunk_size=chunk_size, engine=engine)
-  return jax.tree_util.tree_map(lambda s: s / n, sums)
+  return poison(jax.tree_util.tree_map(lambda s: s / n, sums), bad)
 
 
-def logits_and_mask(apply_fn, params, inputs, mask):
+def logits_and_mask(apply_fn, params, inputs, mask, probe: bool | int = True):
   """``(n, positions, num_classes, extras)`` of a model returning logits; ``extras`` holds the checked mask."""
   n = num_examples(inputs)
-  out = check_model(apply_fn, params, inputs, "logits")
+  out = check_model(apply_fn, params, inputs, "logits", probe)
   if len(out.shape) < 2:
     raise ValueError(f"apply_fn must return logits [B, ..., C]; got output shape {out.shape}")
   positions, num_classes = out.shape[1:-1], out.shape[-1]
@@ -144,22 +161,48 @@ def checked_targets(targets, n: int, positions: tuple, num_classes: int):
 
 
 def _check_classes(targets, num_classes: int) -> None:
-  """Integer targets must be in ``[0, num_classes)``: checked where they are concrete, skipped when traced.
+  """Integer targets must be in ``[0, num_classes)`` or ``IGNORE_INDEX``: checked where they are concrete.
 
   (``one_hot`` would turn an out-of-range class into a zero row: a finite,
   silently wrong Fisher.) Inside an outer ``jit`` even a concrete array gives
-  traced results, so the reduction runs under ``ensure_compile_time_eval``.
+  traced results, so the reduction runs under ``ensure_compile_time_eval``;
+  traced targets are checked by :func:`add_targets` instead (a NaN result).
   """
   if isinstance(targets, jax.core.Tracer):
     return
   with jax.ensure_compile_time_eval():
     t = jnp.asarray(targets)
+    t = t[t != IGNORE_INDEX]
     if t.size == 0:
       return
     lo, hi = int(jnp.min(t)), int(jnp.max(t))
   if lo < 0 or hi >= num_classes:
-    raise ValueError(f"targets must be class indices in [0, {num_classes}) (the logits' last axis), "
-                     f"got {lo if lo < 0 else hi}")
+    raise ValueError(f"targets must be class indices in [0, {num_classes}) (the logits' last axis) or "
+                     f"IGNORE_INDEX ({IGNORE_INDEX}, a position without a loss), got {lo if lo < 0 else hi}")
+
+
+def add_targets(extras: dict, targets, num_classes: int):
+  """Puts ``targets`` into ``extras``; integer ``IGNORE_INDEX`` positions join ``extras['mask']`` as zeros.
+
+  Returns a bool scalar, true when an integer target lies outside ``[0, C)``
+  and is not ``IGNORE_INDEX`` (traced targets: :func:`poison` turns the result
+  to NaN), or ``None`` for probability targets.
+  """
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    extras["targets"] = targets
+    return None
+  ignored = targets == IGNORE_INDEX
+  keep = (~ignored).astype(jnp.float32)
+  extras["mask"] = extras["mask"] * keep if "mask" in extras else keep
+  extras["targets"] = jnp.where(ignored, 0, targets)
+  return jnp.any(~ignored & ((targets < 0) | (targets >= num_classes)))
+
+
+def poison(tree, bad):
+  """``tree`` with every leaf NaN where ``bad`` is true (a traced out-of-range target): loud, not silent."""
+  if bad is None:
+    return tree
+  return jax.tree_util.tree_map(lambda s: jnp.where(bad, jnp.asarray(jnp.nan, s.dtype), s), tree)
 
 
 def _as_probs(targets, num_classes):

@@ -16,13 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 from wva_jax.importance._engine import gradient_sums
-from wva_jax.importance.fisher import _as_probs, _score_cotangent, checked_targets, logits_and_mask
+from wva_jax.importance._independence import PROBE_EVERY
+from wva_jax.importance._mesh import on_auto_axes
+from wva_jax.importance.fisher import (
+  _as_probs,
+  _score_cotangent,
+  add_targets,
+  checked_targets,
+  logits_and_mask,
+  poison,
+)
 
 
+@on_auto_axes(('params', 'inputs', 'targets', 'mask'), lambda s: (PartitionSpec(), s, s))
 def grad_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, probe: bool | int = PROBE_EVERY):
   r"""``(loss, grads, fisher)`` of a batch, from one forward and one backward pass.
 
   .. math::
@@ -45,11 +56,17 @@ def grad_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None,
       :func:`fisher` (``outputs[b]`` depends on ``inputs[b]`` only).
     params: a pytree of arrays.
     inputs: a pytree of arrays with a leading example axis ``B``.
-    targets: integer classes ``[B, ...]`` or class probabilities
-      ``[B, ..., C]``.
+    targets: integer classes ``[B, ...]`` (``IGNORE_INDEX``, -100, drops a
+      position, as for :func:`fisher`) or class probabilities ``[B, ..., C]``.
     mask: optional ``[B, ...]`` weights, 1 for real positions, 0 for padding.
     chunk_size: examples per chunk, as for :func:`fisher` (default: the same
       as :func:`fisher`'s, so all of a typical training batch at once).
+    probe: when to run the batch-independence probe: by default (an int,
+      ``PROBE_EVERY`` = 50) on the first call inside ``jit`` and every 50th
+      after it, so a model that starts to mix examples as it trains is
+      refused within 50 steps at about 2% of the step's cost; ``True`` on
+      every call with new parameter values (every training step: about one
+      step's cost more), ``False`` never.
 
   Returns:
     ``(loss, grads, fisher)``: a float32 scalar, a pytree like ``params``
@@ -65,19 +82,21 @@ def grad_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None,
     >>> round(float(loss), 4), grads['w'].shape, F['w'].shape
     (1.3863, (3, 4), (3, 4))
   """
-  n, positions, num_classes, extras = logits_and_mask(apply_fn, params, inputs, mask)
+  n, positions, num_classes, extras = logits_and_mask(apply_fn, params, inputs, mask, probe)
   if targets is None:
     raise ValueError("grad_and_fisher needs targets (the loss is their negative log likelihood)")
-  extras["targets"] = checked_targets(targets, n, positions, num_classes)
+  bad = add_targets(extras, checked_targets(targets, n, positions, num_classes), num_classes)
   probs = lambda logits, e: _as_probs(e["targets"], num_classes)
   sums, score, nll = gradient_sums(apply_fn, params, inputs, _score_cotangent(probs), extras,
                                    reduce="square", chunk_size=chunk_size, value_fn=_nll(probs))
   # the score is the gradient of the log likelihood: the loss's gradient is its negative
   grads = jax.tree_util.tree_map(lambda s, p: (-s / n).astype(jnp.result_type(p)), score, params)
-  return nll / n, grads, jax.tree_util.tree_map(lambda s: s / n, sums)
+  # a traced target outside [0, C) (not IGNORE_INDEX) makes all three NaN: loud under jit
+  return poison((nll / n, grads, jax.tree_util.tree_map(lambda s: s / n, sums)), bad)
 
 
-def loss_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None, chunk_size: int | None = None):
+def loss_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None, chunk_size: int | None = None,
+                    probe: bool | int = PROBE_EVERY):
   r"""``(loss, fisher)`` of :func:`grad_and_fisher`, differentiable in ``params`` at no extra pass.
 
   A ``jax.custom_vjp``: the forward runs :func:`grad_and_fisher` and keeps
@@ -94,7 +113,7 @@ def loss_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None, c
   this pass's, and its aux (the Fisher) goes to a :func:`fisher_accumulator`.
 
   Args:
-    apply_fn, params, inputs, targets, mask, chunk_size: as for
+    apply_fn, params, inputs, targets, mask, chunk_size, probe: as for
       :func:`grad_and_fisher`.
 
   Returns:
@@ -112,7 +131,7 @@ def loss_and_fisher(apply_fn: Callable, params, inputs, targets, *, mask=None, c
   """
 
   def run(p, x, y, m):
-    return grad_and_fisher(apply_fn, p, x, y, mask=m, chunk_size=chunk_size)
+    return grad_and_fisher(apply_fn, p, x, y, mask=m, chunk_size=chunk_size, probe=probe)
 
   @jax.custom_vjp
   def f(p, x, y, m):

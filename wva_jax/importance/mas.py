@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 
 from wva_jax.importance._engine import check_model, gradient_sums
+from wva_jax.importance._mesh import like_params, on_auto_axes
 from wva_jax.importance._per_example import num_examples
 
 
+@on_auto_axes(('params', 'inputs', 'mask'), like_params)
 def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
-        mask=None, engine: str = "auto"):
+        mask=None, engine: str = "auto", probe: bool | int = True):
   r"""MAS importance: mean over examples of the absolute per-example gradient
   of the squared L2 norm of the output.
 
@@ -37,6 +39,11 @@ def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
     mask: optional ``[B, ...]`` weights of the output positions (the output's
       shape without its last, feature axis), 1 for real positions, 0 for padding.
     engine: ``'auto'`` or ``'vmap'`` (the reference path).
+    probe: when to run the batch-independence probe (``outputs[b]`` from
+      ``inputs[b]`` only): ``True`` whenever the parameter values are new
+      (a pass holds for the values it was probed on), an int ``n`` on the
+      first and every ``n``-th call inside ``jit``, ``False`` never (you
+      vouch for the model).
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -53,7 +60,7 @@ def mas(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None,
     ECCV 2018.
   """
   n = num_examples(inputs)
-  out = check_model(apply_fn, params, inputs)
+  out = check_model(apply_fn, params, inputs, probe=probe)
   extras = None
   if mask is not None:
     mask = jnp.asarray(mask)

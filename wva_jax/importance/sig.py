@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from wva_jax.importance import _interpret, _model_io, _rules, _trace, _use_grads, _uses
 from wva_jax.importance._engine import FallbackWarning, check_model
+from wva_jax.importance._mesh import like_params, on_auto_axes
 from wva_jax.importance._per_example import chunked, num_examples, resolve_chunk_size, scan_chunks
 from wva_jax.importance._rules import Factor
 
@@ -16,7 +17,9 @@ from wva_jax.importance._rules import Factor
 SIG_CHUNK_SIZE = 1024
 
 
-def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, mask=None):
+@on_auto_axes(('params', 'inputs', 'mask'), like_params)
+def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, mask=None,
+        probe: bool | int = True):
   r"""Signal importance: how much input signal flows through each parameter.
 
   The seed's SIG: a weight ``w_ij`` (input ``i`` -> unit ``j``) matters in
@@ -65,6 +68,11 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
       position axes (it acts after pooling, say) is an error, and one whose
       signal does not depend on the example (``1 + w`` in Gemma's RMSNorm)
       is not weighted.
+    probe: when to run the batch-independence probe (``outputs[b]`` from
+      ``inputs[b]`` only): ``True`` whenever the parameter values are new
+      (a pass holds for the values it was probed on), an int ``n`` on the
+      first and every ``n``-th call inside ``jit``, ``False`` never (you
+      vouch for the model).
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -104,7 +112,7 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   n = num_examples(inputs)
   chunk = resolve_chunk_size(chunk_size, n, SIG_CHUNK_SIZE)
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  out = check_model(apply_fn, params, inputs)
+  out = check_model(apply_fn, params, inputs, probe=probe)
   example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], inputs)
   plan = _trace.trace(apply_fn, params, example)
   names = _model_io.leaf_paths(params)
