@@ -6,6 +6,7 @@ import optax
 import pytest
 
 import wva_jax as wj
+from wva_jax.mofo import momentum_filter
 
 
 def params0():
@@ -127,3 +128,56 @@ def test_mofo_traced_fraction_equals_concrete():
     for k in concrete:   # the same coordinates move, by the same step (to float rounding under vmap)
       np.testing.assert_array_equal(np.asarray(traced[k][i]) != 0, np.asarray(concrete[k]) != 0)
       np.testing.assert_allclose(np.asarray(traced[k][i]), np.asarray(concrete[k]), rtol=1e-6)
+
+
+# ---- issue 27 item 5: per-layer blocks for stacked leaves, the exemption rule, one rounding
+
+def _topk_mask(m, k):
+  """NumPy reference: entries at least the k-th largest |m| of the block."""
+  a = np.abs(np.asarray(m, np.float64)).ravel()
+  return (np.abs(np.asarray(m)) >= np.sort(a)[-k])
+
+
+def test_stacked_leaves_filter_each_layer():
+  rng = np.random.default_rng(0)
+  m = rng.normal(size=(3, 4, 5)).astype(np.float32)
+  m[0] *= 100.0   # one layer with far larger momentum must not take the whole budget
+  u = np.ones_like(m)
+  tree = {"layers": {"kernel": jnp.asarray(m), "bias": jnp.asarray(m[:, 0])}, "head": jnp.asarray(m[0])}
+  ones = jax.tree_util.tree_map(jnp.ones_like, tree)
+  got = momentum_filter(tree, ones, 0.25, stacked={"layers": True, "head": False})
+  for layer in range(3):
+    np.testing.assert_array_equal(np.asarray(got["layers"]["kernel"][layer]) != 0, _topk_mask(m[layer], 5))
+  np.testing.assert_array_equal(np.asarray(got["layers"]["bias"]), u[:, 0])   # a stacked bias: whole
+  np.testing.assert_array_equal(np.asarray(got["head"]) != 0, _topk_mask(m[0], 5))
+  whole = momentum_filter(tree, ones, 0.25)   # unmarked: one block, the big layer takes it all
+  assert int((np.asarray(whole["layers"]["kernel"][1:]) != 0).sum()) == 0
+
+
+def test_bias_and_norm_names_are_exempt():
+  m = {"ln_norm": {"scale": jnp.arange(12.0).reshape(3, 4)}, "dense": {"kernel": jnp.arange(12.0).reshape(3, 4)}}
+  got = momentum_filter(m, jax.tree_util.tree_map(jnp.ones_like, m), 0.25)
+  assert bool((got["ln_norm"]["scale"] == 1).all())
+  assert int((got["dense"]["kernel"] != 0).sum()) == 3
+  got = momentum_filter(m, jax.tree_util.tree_map(jnp.ones_like, m), 0.25, exempt_names=())
+  assert int((got["ln_norm"]["scale"] != 0).sum()) == 3
+
+
+def test_one_rounding_for_concrete_and_traced_fractions():
+  m = {"w": jnp.asarray(np.random.default_rng(1).permutation(100).reshape(10, 10), jnp.float32)}
+  ones = {"w": jnp.ones((10, 10))}
+  fractions = jnp.asarray([0.29, 0.57, 0.58])
+  traced = jax.vmap(lambda f: (momentum_filter(m, ones, f)["w"] != 0).sum())(fractions)
+  concrete = [int((momentum_filter(m, ones, float(f))["w"] != 0).sum()) for f in (0.29, 0.57, 0.58)]
+  assert concrete == [29, 57, 58]
+  assert [int(t) for t in traced] == concrete
+
+
+def test_scale_by_mofo_takes_stacked():
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(2, 6, 5)).astype(np.float32)
+  g[1] *= 50.0
+  tx = wj.scale_by_mofo(fraction=0.2, stacked=True)
+  u, _ = tx.update(jnp.asarray(g), tx.init(jnp.zeros_like(jnp.asarray(g))))
+  for layer in range(2):   # the first step's momentum is (1 - b1) g: each layer's top 6 of 30 move
+    np.testing.assert_array_equal(np.asarray(u[layer]) != 0, _topk_mask(g[layer], 6))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from wva_jax._checks import check_scalar_or_schedule, concrete_scalar
+from wva_jax._paths import key_name
 
 DEFAULT_FRACTION = 0.15
 
@@ -44,32 +45,72 @@ def kth_largest(a, k):
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
-def momentum_filter(momentum, updates, fraction: float, *, min_ndim: int = 2):
-  """``updates`` zeroed outside the top-``fraction`` of each leaf's ``|momentum|``.
+def block_k(size: int, fraction: Any) -> jax.Array:
+  """``k = max(1, floor(fraction * size))`` coordinates of a block of ``size`` move: one rule for a
+  concrete and a traced ``fraction`` (the same float32 ops, so a vmapped grid of fractions moves what
+  the single runs move), with products within a relative 1e-6 of an integer taken as that integer
+  (0.29 of 100 is 29, not 28.999999999999996 truncated to 28)."""
+  def k(fraction):
+    prod = jnp.float32(size) * jnp.asarray(fraction, jnp.float32)
+    return jnp.maximum(1, jnp.floor(prod * jnp.float32(1 + 2 ** -20)).astype(jnp.int32))
+  if concrete_scalar(fraction, "fraction") is None:
+    return k(fraction)
+  with jax.ensure_compile_time_eval():
+    return k(fraction)
 
-  Per leaf with ``ndim >= min_ndim``: keep the entries whose ``|momentum|`` is
-  at least the ``k``-th largest, ``k = max(1, floor(fraction * size))`` (ties
-  at the threshold are kept, as in the authors' code); other leaves pass
-  through whole.
+
+EXEMPT_NAMES = ("bias", "norm")
+
+
+def _exempt(path: tuple, names: tuple[str, ...]) -> bool:
+  """A leaf whose path names a bias or a norm (any key containing one of ``names``, case-insensitive)."""
+  keys = [str(key_name(k)).lower() for k in path]
+  return any(n in k for k in keys for n in names)
+
+
+def _filter_block(m, u, fraction):
+  a = jnp.abs(m.astype(jnp.float32))
+  return jnp.where(a >= kth_largest(a, block_k(jnp.size(m), fraction)), u, jnp.zeros_like(u))
+
+
+def momentum_filter(momentum, updates, fraction: float, *, min_ndim: int = 2, stacked: Any = None,
+                    exempt_names: tuple[str, ...] = EXEMPT_NAMES):
+  """``updates`` zeroed outside the top-``fraction`` of each block's ``|momentum|``.
+
+  A block is a leaf, or one layer's slice (along axis 0) of a leaf that
+  ``stacked`` marks as layers stacked by a scan. In each block with
+  ``ndim >= min_ndim`` (per layer) whose path names no bias or norm
+  (``exempt_names``), keep the entries whose ``|momentum|`` is at least the
+  ``k``-th largest, ``k`` from :func:`block_k` (ties at the threshold are kept,
+  as in the authors' code); other blocks pass through whole.
   """
+  marks = _stacked_marks(stacked, momentum)
 
-  concrete = concrete_scalar(fraction, "fraction") is not None
-
-  def one(m, u):
-    if jnp.ndim(m) < min_ndim or jnp.size(m) == 0:
+  def one(path, m, u, is_stacked):
+    per_layer = jnp.shape(m)[1:] if is_stacked else jnp.shape(m)
+    if len(per_layer) < min_ndim or jnp.size(m) == 0 or _exempt(path, exempt_names):
       return u
-    a = jnp.abs(m.astype(jnp.float32))
-    if concrete:
-      k = jnp.int32(max(1, int(jnp.size(m) * float(fraction))))
-    else:  # traced (one vmapped program for a grid of fractions)
-      k = jnp.maximum(1, jnp.floor(jnp.size(m) * fraction).astype(jnp.int32))
-    return jnp.where(a >= kth_largest(a, k), u, jnp.zeros_like(u))
+    if is_stacked:   # each layer its own budget, as each layer is its own tensor in the authors' code
+      return jax.vmap(lambda m, u: _filter_block(m, u, fraction))(m, u)
+    return _filter_block(m, u, fraction)
 
-  return jax.tree_util.tree_map(one, momentum, updates)
+  return jax.tree_util.tree_map_with_path(one, momentum, updates, marks)
+
+
+def _stacked_marks(stacked: Any, like: Any) -> Any:
+  """``stacked`` (None, a bool prefix tree, or a callable of the tree giving one) as a full tree of bools."""
+  if stacked is None:
+    return jax.tree_util.tree_map(lambda _: False, like)
+  prefix = stacked(like) if callable(stacked) else stacked
+  try:
+    return jax.tree_util.tree_map(lambda s, sub: jax.tree_util.tree_map(lambda _: bool(s), sub), prefix, like)
+  except ValueError as e:
+    raise ValueError(f"stacked must be a prefix of the params' tree (bools) or a callable returning one: {e}") from e
 
 
 def scale_by_mofo(fraction: float = DEFAULT_FRACTION, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                  *, min_ndim: int = 2, mu_dtype: Any | None = None) -> optax.GradientTransformation:
+                  *, min_ndim: int = 2, mu_dtype: Any | None = None, stacked: Any = None,
+                  exempt_names: tuple[str, ...] = EXEMPT_NAMES) -> optax.GradientTransformation:
   r"""Adam's scaling, kept only on each block's largest-momentum coordinates (MoFO).
 
   .. math::
@@ -77,12 +118,19 @@ def scale_by_mofo(fraction: float = DEFAULT_FRACTION, b1: float = 0.9, b2: float
      u_t = \mathbb{1}\big[|m_t| \ge \mathrm{top}_k |m_t|\big] \odot
            \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
 
-  per block (a parameter leaf), ``k = max(1, floor(fraction * size))``. Both
+  per block, ``k = max(1, floor(fraction * size))`` (:func:`block_k`). A
+  block is a parameter leaf, or, for a leaf that ``stacked`` marks (layers
+  stacked by ``nnx.scan`` / ``nn.scan`` / ``hk.layer_stack``), each layer's
+  slice along axis 0: the authors filter each layer's tensor separately, and
+  one top-k over the stack would let one layer take the whole budget. Both
   moments are updated for every coordinate (as Adam's); only the update is
   filtered, so coordinates left out this step keep their momentum and can
-  enter later. Leaves with fewer than ``min_ndim`` dimensions (biases, norm
-  scales) are not filtered, as in the authors' code (which exempts
-  parameters named ``bias`` or ``norm``). The state is optax's
+  enter later. Biases and norms are not filtered, as in the authors' code:
+  blocks with fewer than ``min_ndim`` dimensions per layer, and leaves whose
+  path has a key containing ``bias`` or ``norm`` (``exempt_names``). The
+  layer axis cannot be read from the arrays (a stacked ``[L, d, f]`` kernel
+  and an attention kernel ``[d, heads, head_dim]`` look alike), so say it
+  with ``stacked``. The state is optax's
   ``ScaleByAdamState``: the same memory as Adam (3x the parameters with
   them). Chain a learning rate after it (or use :func:`mofo`).
 
@@ -93,9 +141,15 @@ def scale_by_mofo(fraction: float = DEFAULT_FRACTION, b1: float = 0.9, b2: float
       the value in the authors' scripts and README example (they recommend
       0.05-0.2; their code's argument default is 0.03).
     b1, b2, eps: Adam's.
-    min_ndim: leaves with fewer dimensions are updated whole (0: filter all).
+    min_ndim: blocks with fewer dimensions (per layer) are updated whole (0: filter all).
     mu_dtype: dtype of the first moment (``None``: the gradient's), as in
       ``optax.scale_by_adam``.
+    stacked: which leaves stack layers along axis 0: ``None`` (none), a
+      prefix of the params' tree of bools (``{'layers': True, 'embed':
+      False}``), or a callable of the params returning one (as
+      ``optax.masked``'s mask).
+    exempt_names: leaves whose path has a key containing one of these
+      (case-insensitive) are updated whole; ``()`` to exempt by shape only.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -125,14 +179,16 @@ def scale_by_mofo(fraction: float = DEFAULT_FRACTION, b1: float = 0.9, b2: float
   def update_fn(updates, state, params=None):
     del params
     updates, state = adam.update(updates, state)
-    return momentum_filter(state.mu, updates, fraction, min_ndim=min_ndim), state
+    return momentum_filter(state.mu, updates, fraction, min_ndim=min_ndim, stacked=stacked,
+                           exempt_names=exempt_names), state
 
   return optax.GradientTransformation(adam.init, update_fn)
 
 
 def mofo(learning_rate: optax.ScalarOrSchedule, fraction: float = DEFAULT_FRACTION, b1: float = 0.9,
          b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, *, min_ndim: int = 2,
-         mu_dtype: Any | None = None, mask: Any | None = None) -> optax.GradientTransformation:
+         mu_dtype: Any | None = None, mask: Any | None = None, stacked: Any = None,
+         exempt_names: tuple[str, ...] = EXEMPT_NAMES) -> optax.GradientTransformation:
   r"""MoFO (momentum-filtered Adam/AdamW): each step moves only the top-``fraction`` coordinates by ``|m|``.
 
   ``theta <- theta - lr * (u_t + weight_decay * theta)`` with ``u_t`` from
@@ -144,7 +200,7 @@ def mofo(learning_rate: optax.ScalarOrSchedule, fraction: float = DEFAULT_FRACTI
 
   Args:
     learning_rate: a scalar or an optax schedule.
-    fraction, b1, b2, eps, min_ndim, mu_dtype: see :func:`scale_by_mofo`.
+    fraction, b1, b2, eps, min_ndim, mu_dtype, stacked, exempt_names: see :func:`scale_by_mofo`.
     weight_decay: decoupled weight decay (default 0; the authors' code: 0.1).
     mask: which leaves get weight decay (``optax.add_decayed_weights``'s).
 
@@ -168,7 +224,8 @@ def mofo(learning_rate: optax.ScalarOrSchedule, fraction: float = DEFAULT_FRACTI
   wd = concrete_scalar(weight_decay, "weight_decay")
   if wd is not None and not (math.isfinite(wd) and wd >= 0):
     raise ValueError(f"weight_decay must be finite and >= 0, got {wd!r}")
-  parts = [scale_by_mofo(fraction, b1, b2, eps, min_ndim=min_ndim, mu_dtype=mu_dtype)]
+  parts = [scale_by_mofo(fraction, b1, b2, eps, min_ndim=min_ndim, mu_dtype=mu_dtype, stacked=stacked,
+                         exempt_names=exempt_names)]
   if wd is None or wd:
     parts.append(optax.add_decayed_weights(weight_decay, mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
