@@ -1,6 +1,8 @@
 """The last silent cases of the estimators (issue 27 items 6, 7, 11), against per-example loops."""
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,45 @@ def test_engine_report_runs_the_batch_independence_probe():
   with pytest.raises(ValueError, match="mixes examples"):
     wj.importance.engine_report(rolled, p, x)
   assert wj.importance.engine_report(_model, p, x)["w2"] == "dense/positions"
+
+
+# ---- issue 27 item 10: ragged_dot (sorted MoE) under sig and the vmap reference path
+
+def _moe_parts():
+  from test_independence import P as MP
+  from test_independence import X as MX
+  from test_independence import Y as MY
+  from test_independence import moe_sorted
+  return moe_sorted, MP, MX, MY
+
+
+def _moe_dense(p, x):
+  """The same MoE without ragged_dot: every expert on every token, the routed one selected."""
+  b, t, d = x.shape
+  tokens = x.reshape(b * t, d)
+  logits = tokens @ p["router"]
+  expert = jnp.argmax(logits, -1)
+  gate = jnp.take_along_axis(jax.nn.softmax(logits), expert[:, None], -1)
+  h = jnp.einsum("nd,edh->neh", tokens, p["experts"])
+  h = jnp.take_along_axis(h, expert[:, None, None], 1)[:, 0]
+  return (jnp.tanh(h) * gate @ p["head"]).reshape(b, t, -1)
+
+
+def test_ragged_dot_under_the_vmap_reference_and_sig():
+  moe_sorted, p, x, y = _moe_parts()
+  n = x.shape[0]
+  want = jax.tree_util.tree_map(lambda a: np.zeros(a.shape), p)   # per-example loop on the ragged model
+  for b in range(n):
+    g = jax.grad(lambda q: jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(moe_sorted(q, x[b:b + 1])[0]),
+                                                       y[b][:, None], -1)))(p)
+    want = jax.tree_util.tree_map(lambda s, gg: s + np.asarray(gg, np.float64) ** 2 / n, want, g)
+  for engine in ("vmap", "auto"):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", wj.importance.FallbackWarning)
+      _close(wj.importance.fisher(moe_sorted, p, x, y, engine=engine), want)
+  with pytest.warns(wj.importance.FallbackWarning, match="experts"):
+    got = wj.importance.sig(moe_sorted, p, x)
+  ref = wj.importance.sig(_moe_dense, p, x)   # the same signals, through dense ops
+  for k in ("router", "head"):
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-5, err_msg=k)
+  np.testing.assert_allclose(np.asarray(got["experts"]), np.abs(np.asarray(p["experts"])), rtol=1e-6)

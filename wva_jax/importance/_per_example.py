@@ -86,6 +86,20 @@ def scan_chunks(body, init, chunks):
   return acc
 
 
+def map_examples(fn: Callable, *args):
+  """``jax.vmap(fn)(*args)`` over the leading (example) axis, or, when the model inside ``fn`` has a
+  primitive with no batching rule for that axis (``lax.ragged_dot`` batches only over its operands'
+  leading axes), a loop over the examples (``lax.map``) with the same result.
+
+  The choice is made at trace time by tracing the ``vmap`` abstractly (no compile).
+  """
+  try:
+    jax.eval_shape(jax.vmap(fn), *args)
+  except NotImplementedError:   # "ragged_dot vmap over any dim but 0 - NYI"
+    return jax.lax.map(lambda a: fn(*a), args)
+  return jax.vmap(fn)(*args)
+
+
 def reducer(reduce: str):
   if reduce == "square":
     return jnp.square
@@ -132,7 +146,7 @@ def per_example_sum(apply_fn: Callable, params, inputs, cot_fn: CotangentFn, ext
 
   def body(chunk_data):
     x, e, v = chunk_data
-    per_ex = jax.vmap(one_example)(x, e, v)
+    per_ex = map_examples(one_example, x, e, v)
     return jax.tree_util.tree_map(lambda a: a.sum(0), per_ex)
 
   return scan_chunks(body, zeros_f32(params), (x_chunks, e_chunks, valid))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from wva_jax.importance import _interpret, _model_io, _rules, _trace, _use_grads, _uses
 from wva_jax.importance._engine import FallbackWarning, check_model
 from wva_jax.importance._mesh import like_params, on_auto_axes
-from wva_jax.importance._per_example import chunked, num_examples, resolve_chunk_size, scan_chunks
+from wva_jax.importance._per_example import chunked, map_examples, num_examples, resolve_chunk_size, scan_chunks
 from wva_jax.importance._rules import Factor
 
 # SIG keeps only per-site sums of |activations| between chunks, so chunks can be big.
@@ -119,81 +119,110 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
   floats = [i for i, l in enumerate(leaves) if jnp.issubdtype(jnp.result_type(l), jnp.inexact)]
   # integer leaves (step counters...) carry no signal: zeros. A leaf the tracer cannot
   # follow gets the magnitude rule |w| (below).
+  magnitude = _magnitude_leaves(plan, floats, names)
+  sites = plan.sites([i for i in floats if i not in magnitude])
+  mask = _checked_mask(mask, n, out)
+  (x_chunks, m_chunks), valid = chunked((inputs, mask), n, chunk)
+  body = _chunk_sums(plan, leaves, sites, names)
+  init = {u.site: jnp.zeros(u.loops + (u.eqn.invars[0].aval.shape if u.factor is Factor.ROWS else
+                                       (u.eqn.outvars[0] if u.additive else
+                                        u.eqn.invars[1 - u.operand]).aval.shape), jnp.float32)
+          for u in sites}
+  sums = scan_chunks(body, init, (x_chunks, m_chunks, valid))
+  imp = [i / n for i in _to_leaves(sites, sums, leaves)]
+  for i in magnitude:
+    imp[i] = jnp.abs(_use_grads.as_f32(jnp.asarray(leaves[i])))
+  return jax.tree_util.tree_unflatten(treedef, imp)
+
+
+def _magnitude_leaves(plan, floats: list[int], names: list[str]) -> list[int]:
+  """The float leaves the tracer cannot follow (they get |w|), with a warning naming them."""
   magnitude = [i for i in floats if i in plan.blocked]
   if magnitude:
     listed = ", ".join(f"{names[i]!r} ({plan.blocked[i][0]})" for i in magnitude[:8])
     warnings.warn(f"sig cannot follow {len(magnitude)} parameter leaves into the model and gives them "
                   f"the magnitude rule |w| instead of |w| x signal: {listed}. sig follows "
                   f"{', '.join(_rules.uses())} (through jit, remat, scan and layout ops)",
-                  FallbackWarning, stacklevel=2)
-  floats = [i for i in floats if i not in magnitude]
-  sites = plan.sites(floats)
-  if mask is not None:
-    mask = jnp.asarray(mask, jnp.float32)
-    if mask.ndim < 2 or mask.shape[0] != n or out.shape[1:mask.ndim] != mask.shape[1:]:
-      raise ValueError(f"mask has shape {mask.shape}, expected ({n}, P...) with P the "
-                       f"leading positions of the outputs, whose shape is {out.shape[1:]} "
-                       "per example")
-  (x_chunks, m_chunks), valid = chunked((inputs, mask), n, chunk)
+                  FallbackWarning, stacklevel=4)
+  return magnitude
 
-  def signal(use, invals, out):
-    if use.additive:
-      return jnp.abs(_use_grads.as_f32(out))
-    (other,) = [a for k, a in enumerate(invals) if k != use.operand]
-    return other if use.factor is Factor.ROWS else jnp.abs(_use_grads.as_f32(other))
 
-  def position_weights(m, shape, use):
-    """``m`` [P...] shaped to broadcast against one iteration's signal ``shape`` (1, P..., rest)."""
-    if tuple(shape[1:1 + m.ndim]) != m.shape:
-      raise ValueError(f"sig with a mask: parameter {names[use.leaf]!r} meets a signal of "
-                       f"shape {tuple(shape[1:])} per example, which does not start with the "
-                       f"mask's positions {m.shape}")
-    return m.reshape((1,) + m.shape + (1,) * (len(shape) - 1 - m.ndim))
+def _checked_mask(mask, n: int, out):
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask, jnp.float32)
+  if mask.ndim < 2 or mask.shape[0] != n or out.shape[1:mask.ndim] != mask.shape[1:]:
+    raise ValueError(f"mask has shape {mask.shape}, expected ({n}, P...) with P the "
+                     f"leading positions of the outputs, whose shape is {out.shape[1:]} "
+                     "per example")
+  return mask
+
+
+def _signal(use, invals, out):
+  """|signal| at a use: |output| for an additive use (a bias), else the other operand (|.| unless indices)."""
+  if use.additive:
+    return jnp.abs(_use_grads.as_f32(out))
+  (other,) = [a for k, a in enumerate(invals) if k != use.operand]
+  return other if use.factor is Factor.ROWS else jnp.abs(_use_grads.as_f32(other))
+
+
+def _position_weights(m, shape, use, names):
+  """``m`` [P...] shaped to broadcast against one iteration's signal ``shape`` (1, P..., rest)."""
+  if tuple(shape[1:1 + m.ndim]) != m.shape:
+    raise ValueError(f"sig with a mask: parameter {names[use.leaf]!r} meets a signal of "
+                     f"shape {tuple(shape[1:])} per example, which does not start with the "
+                     f"mask's positions {m.shape}")
+  return m.reshape((1,) + m.shape + (1,) * (len(shape) - 1 - m.ndim))
+
+
+def _chunk_sums(plan, leaves, sites, names):
+  """``body(chunk)``: each site's signal summed over a chunk's examples (row counts for indices)."""
 
   def one_example(x_leaves, m):
     def hook(use, invals, out):
-      c = signal(use, invals, out)
+      c = _signal(use, invals, out)
       if m is None or not use.data:  # a signal that is not the example's (1 + w): no positions
         return c, None
       if use.factor is Factor.ROWS:  # indices: weight the rows they pick
-        return c, position_weights(m, out.shape, use)
-      if m is not None:
-        c = c * position_weights(m, c.shape, use)
-      return c, None
+        return c, _position_weights(m, out.shape, use, names)
+      return c * _position_weights(m, c.shape, use, names), None
 
     return _interpret.evaluate(plan, leaves, [a[None] for a in x_leaves], hook, sites)[1]
 
   def body(chunk_data):
     x, m, v = chunk_data
-    caps = jax.vmap(one_example)(jax.tree_util.tree_leaves(x), m)
+    caps = map_examples(one_example, jax.tree_util.tree_leaves(x), m)
     acc = {}
     for u in sites:
       c, weights = caps[u.site]  # [chunk, *loops, ...]
       if u.factor is Factor.ROWS:
-        # not linear in the indices: count rows per chunk (ones masked by valid)
-        w0 = jnp.zeros(u.eqn.invars[0].aval.shape, jnp.float32)
-        out_shape = u.eqn.outvars[0].aval.shape
-        ones = jnp.broadcast_to(v.reshape((-1,) + (1,) * (len(u.loops) + len(out_shape))),
-                                c.shape[:1 + len(u.loops)] + out_shape)
-        if weights is not None:
-          ones = ones * weights
-
-        def rows(i, o):  # one iteration: the chunk's indices [chunk, ...] -> row counts
-          gather = lambda w: jax.vmap(lambda ib: _use_grads.bind_f32(u, [w, ib]))(i)
-          return jax.vjp(gather, w0)[1](o.astype(jnp.float32))[0]
-
-        inner = lambda a: jnp.moveaxis(a, 0, len(u.loops))
-        acc[u.site] = _uses.looped(u, rows)(inner(c), inner(ones))
+        acc[u.site] = _row_counts(u, c, weights, v)
       else:  # op is linear in the signal too: sum |signal| over examples first
         acc[u.site] = jnp.tensordot(v, c, axes=1)
     return acc
 
-  init = {u.site: jnp.zeros(u.loops + (u.eqn.invars[0].aval.shape if u.factor is Factor.ROWS else
-                                       (u.eqn.outvars[0] if u.additive else
-                                        u.eqn.invars[1 - u.operand]).aval.shape), jnp.float32)
-          for u in sites}
-  sums = scan_chunks(body, init, (x_chunks, m_chunks, valid))
+  return body
 
+
+def _row_counts(u, c, weights, v):
+  """Indices are not linear: count the rows each example picks (ones masked by valid and the mask)."""
+  w0 = jnp.zeros(u.eqn.invars[0].aval.shape, jnp.float32)
+  out_shape = u.eqn.outvars[0].aval.shape
+  ones = jnp.broadcast_to(v.reshape((-1,) + (1,) * (len(u.loops) + len(out_shape))),
+                          c.shape[:1 + len(u.loops)] + out_shape)
+  if weights is not None:
+    ones = ones * weights
+
+  def rows(i, o):  # one iteration: the chunk's indices [chunk, ...] -> row counts
+    gather = lambda w: jax.vmap(lambda ib: _use_grads.bind_f32(u, [w, ib]))(i)
+    return jax.vjp(gather, w0)[1](o.astype(jnp.float32))[0]
+
+  inner = lambda a: jnp.moveaxis(a, 0, len(u.loops))
+  return _uses.looped(u, rows)(inner(c), inner(ones))
+
+
+def _to_leaves(sites, sums, leaves) -> list:
+  """Each site's summed signal carried back to its leaf: |w| x the total signal reaching each entry."""
   imp = [jnp.zeros(jnp.shape(l), jnp.float32) for l in leaves]
   for u in sites:
     back = _uses.path_transpose(u.path, jnp.shape(leaves[u.leaf]))
@@ -213,7 +242,4 @@ def sig(apply_fn: Callable, params, inputs, *, chunk_size: int | None = None, ma
       s = _uses.looped(u, reach)(s)
     w = jnp.abs(_use_grads.as_f32(jnp.asarray(leaves[u.leaf])))
     imp[u.leaf] = imp[u.leaf] + w * back(s)
-  imp = [i / n for i in imp]
-  for i in magnitude:
-    imp[i] = jnp.abs(_use_grads.as_f32(jnp.asarray(leaves[i])))
-  return jax.tree_util.tree_unflatten(treedef, imp)
+  return imp
