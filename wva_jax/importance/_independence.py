@@ -163,7 +163,9 @@ def _moved(apply_fn: Callable, params, x) -> jax.Array:
 def _message(detail: str) -> str:
   return ("apply_fn mixes examples: the outputs of other examples changed when only one example's input "
           f"changed{detail}. Importance is a mean of per-example quantities, so outputs[b] must depend on "
-          "inputs[b] only: run the model in evaluation mode (e.g. BatchNorm with use_running_average=True), "
+          "inputs[b] only: run the model in evaluation mode (Flax: BatchNorm with use_running_average=True, "
+          "deterministic=True; Keras: training=False, e.g. model.stateless_call(p, non_trainable, x, "
+          "training=False)), "
           "and do not roll, reverse or index along the batch axis")
 
 
