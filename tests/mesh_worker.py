@@ -20,7 +20,6 @@ from jax.sharding import PartitionSpec as P
 
 import wva_jax as wj
 
-assert jax.device_count() == 4, jax.devices()
 rng = np.random.default_rng(0)
 PARAMS = {"w": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32), "b": jnp.zeros(16),
           "w2": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)}
@@ -41,8 +40,7 @@ def loop_fisher(p, x, y):
   return jax.tree_util.tree_map(lambda s: s / x.shape[0], out)
 
 
-REF = {"fisher": loop_fisher(PARAMS, X, Y), "mas": wj.importance.mas(model, PARAMS, X),
-       "sig": wj.importance.sig(model, PARAMS, X)}
+REF: dict = {}   # filled by main(): the unsharded references
 CALLS = {
     "fisher": lambda p, x, y: wj.importance.fisher(model, p, x, y),
     "fisher_vmap": lambda p, x, y: wj.importance.fisher(model, p, x, y, engine="vmap"),
@@ -62,6 +60,9 @@ def check(name, got, params):
 
 
 def main():
+  assert jax.device_count() == 4, jax.devices()   # here, not at import: pytest's doctest collection imports it
+  REF.update(fisher=loop_fisher(PARAMS, X, Y), mas=wj.importance.mas(model, PARAMS, X),
+             sig=wj.importance.sig(model, PARAMS, X))
   # inside set_mesh eagerly, and outside it under jit (the arrays' own mesh): the two ways in
   for axis_type, fsdp, (in_context, jit) in itertools.product((AxisType.Explicit, AxisType.Auto), (False, True),
                                                              ((True, False), (False, True))):

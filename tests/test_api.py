@@ -311,3 +311,16 @@ def test_consolidate_nnx_optimizer_in_place_equals_the_handwritten_sequence():
     np.testing.assert_array_equal(got, p)
   ours.update(m_ours, nnx.grad(loss)(m_ours))   # still steps
   assert int(_find(nnx.as_pure(ours.opt_state), wj.WVAState).count) == 2   # a schedule's count, kept
+
+
+def test_fisher_merge_eps_is_relative_and_zero_coordinates_average():
+  """issue 27 item 12: an absolute eps=1e-8 merged two Fishers of scale 1e-9 to [0.367, 0.633]."""
+  a, b = {"w": jnp.array([0.0, 0.0, 0.0])}, {"w": jnp.array([1.0, 1.0, 1.0])}
+  for scale in (1.0, 1e-9, 1e9):
+    fa, fb = {"w": scale * jnp.array([9.0, 1.0, 0.0])}, {"w": scale * jnp.array([1.0, 9.0, 0.0])}
+    got = wj.fisher_merge([a, b], [fa, fb])["w"]
+    np.testing.assert_allclose(np.asarray(got[:2]), [0.1, 0.9], rtol=1e-6)   # (9*0 + 1*1) / 10, ...
+    np.testing.assert_allclose(float(got[2]), 0.5, rtol=1e-6)                # no importance: the average
+    got0 = wj.fisher_merge([a, b], [fa, fb], eps=0.0)["w"]
+    assert not bool(jnp.isnan(got0).any())
+    np.testing.assert_allclose(np.asarray(got0), [0.1, 0.9, 0.5], rtol=1e-6)

@@ -185,3 +185,43 @@ def test_flax_weight_norm_convolution():
       warnings.simplefilter("error", wj.importance.FallbackWarning)
       got = engine(apply_fn, variables, x, y, what)
     assert_close(got, reference(apply_fn, variables, x, y, what))
+
+
+# ---- issue 27 item 9: the same transforms under remat, inside jit and in a scan's body
+
+def _gates(p, x):
+  return x @ (jax.nn.softplus(p["a"]) @ (jax.nn.sigmoid(p["g"]) * p["u"])) + p["b"]
+
+
+@jax.jit
+def _jitted_gates(p, x):
+  return _gates(p, x)
+
+
+def _recurrent(p, x):
+  """A recurrent cell whose gates are computed from closed-over parameters at every step."""
+  def cell(h, _):
+    gate = jax.nn.sigmoid(p["a"])   # [d, 2], recomputed at every step inside the scan body
+    return jnp.tanh(h @ (gate @ gate.T) * 0.3 + x), None
+  h, _ = jax.lax.scan(cell, x, None, length=3)
+  return h @ (jax.nn.softplus(p["g"]) * p["w"])
+
+
+HOISTED = {
+    "under jax.checkpoint (nn.remat)": lambda p, x: jax.checkpoint(_gates)(p, x),
+    "under remat inside jit": lambda p, x: jax.jit(jax.checkpoint(_gates))(p, x),
+    "one jitted layer called twice": lambda p, x: _jitted_gates(p, x) + _jitted_gates(p, 2 * x),
+    "loop invariants of a time scan": _recurrent,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOISTED))
+def test_transforms_under_remat_jit_and_scan_are_on_the_fast_path(name):
+  params, x, y = _data()
+  model = HOISTED[name]
+  report = wj.importance.engine_report(model, params, x)
+  assert not [r for r in report.values() if r.startswith("fallback")], report
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", wj.importance.FallbackWarning)
+    got = engine(model, params, x, y, "fisher")
+  assert_close(got, reference(model, params, x, y, "fisher"))

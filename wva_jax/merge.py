@@ -32,14 +32,19 @@ def fisher_merge(params_list: Sequence[optax.Params], importances: Sequence[opta
   r"""Merges models parameter by parameter, each weighted by its importance.
 
   .. math::
-     \theta_j = \frac{\sum_i w_i\,(F_{i,j} + \epsilon)\,\theta_{i,j}}
-                     {\sum_i w_i\,(F_{i,j} + \epsilon)}
+     \theta_j = \frac{\sum_i w_i\,(F_{i,j} + \epsilon_\ell)\,\theta_{i,j}}
+                     {\sum_i w_i\,(F_{i,j} + \epsilon_\ell)}, \qquad
+     \epsilon_\ell = \texttt{eps} \cdot \overline{F}_\ell
 
   with :math:`F_i` model ``i``'s importance (its diagonal Fisher, or any
-  :mod:`wva_jax.importance` estimate) and :math:`w_i` optional model weights
-  (default 1). Where every model's importance is 0 the result is the
-  ``w``-weighted plain average (``eps`` > 0 keeps the ratio defined; ``eps =
-  0`` gives NaN there); where one model's importance dominates, its value.
+  :mod:`wva_jax.importance` estimate), :math:`w_i` optional model weights
+  (default 1) and :math:`\overline{F}_\ell` the mean importance of the leaf
+  :math:`\ell` holding :math:`j`, over its entries and the models: ``eps``
+  is relative, so scaling every importance by one constant (a Fisher over
+  more tokens, a sum instead of a mean) does not change the merge. Where
+  every model's importance is 0 (a coordinate no model uses; with ``eps =
+  0``, or a leaf that is all zeros) the result is the ``w``-weighted plain
+  average, never NaN; where one model's importance dominates, its value.
   Computed in float32, returned in the dtype of ``params_list[0]``'s leaves;
   jittable (``jax.jit(fisher_merge)`` with the lists as arguments).
 
@@ -47,7 +52,7 @@ def fisher_merge(params_list: Sequence[optax.Params], importances: Sequence[opta
     params_list: the models' parameter trees (same structure and shapes;
       ``nnx.State`` is fine).
     importances: one importance tree per model, shaped like its params, >= 0.
-    eps: :math:`\epsilon` >= 0 added to every importance.
+    eps: >= 0, relative to each leaf's mean importance (default ``1e-8``).
     weights: optional per-model weights :math:`w_i` >= 0 (Matena & Raffel's
       :math:`\lambda_i`), not all 0.
 
@@ -103,11 +108,18 @@ def fisher_merge(params_list: Sequence[optax.Params], importances: Sequence[opta
   flat_f = [jax.tree_util.tree_leaves(f) for f in importances]
   merged = []
   for j, ref in enumerate(flat[0]):
+    fs = [jnp.asarray(flat_f[i][j]).astype(_F32) for i in range(n)]
+    eps_leaf = jnp.asarray(eps, _F32) * sum(jnp.mean(f) for f in fs) / n   # relative to the leaf's scale
     num = jnp.zeros(jnp.shape(ref), _F32)
     den = jnp.zeros(jnp.shape(ref), _F32)
+    plain = jnp.zeros(jnp.shape(ref), _F32)
     for i in range(n):
-      c = jnp.asarray(ws[i], _F32) * (jnp.asarray(flat_f[i][j]).astype(_F32) + jnp.asarray(eps, _F32))
-      num = num + c * jnp.asarray(flat[i][j]).astype(_F32)
-      den = den + c
-    merged.append((num / den).astype(jnp.result_type(ref)))
+      w = jnp.asarray(ws[i], _F32)
+      c = w * (fs[i] + eps_leaf)
+      theta = jnp.asarray(flat[i][j]).astype(_F32)
+      num, den, plain = num + c * theta, den + c, plain + w * theta
+    total_w = sum(jnp.asarray(w, _F32) for w in ws)
+    # no importance anywhere at this coordinate: the w-weighted plain average, not 0/0
+    safe = jnp.where(den > 0, den, 1.0)
+    merged.append(jnp.where(den > 0, num / safe, plain / total_w).astype(jnp.result_type(ref)))
   return jax.tree_util.tree_unflatten(ref_def, merged)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from wva_jax.importance import _rules
+from wva_jax.importance import _hoist, _rules
 from wva_jax.importance._model_io import require_array
 from wva_jax.importance._uses import Path, Plan, Use
 
@@ -83,6 +83,9 @@ def trace(apply_fn: Callable, params, example) -> Plan:
   closed, out = jax.make_jaxpr(fn, return_shape=True)([_struct(l) for l in leaves],
                                                       jax.tree_util.tree_map(_struct, example))
   require_array(out)
+  # parameter-only work under remat / jit / in a scan's constants, moved to the top level where
+  # _transforms.split finds it (an equivalent program: same values, same derivatives)
+  closed = _hoist.hoist(closed, len(leaves))
   uses: dict = {}
   blocked: dict = {}
   n = len(leaves)
