@@ -44,7 +44,7 @@ def _close(a, b):
     np.testing.assert_allclose(np.asarray(u), v, rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])   # eager: ~12 s of compiles
 def test_ignore_index_drops_positions(jit):
   p, x, y = _setup()
   want = _loop_fisher(p, x, y)
@@ -59,6 +59,7 @@ def test_ignore_index_drops_positions(jit):
   np.testing.assert_allclose(float(loss), nll, rtol=1e-5)
 
 
+@pytest.mark.slow   # four compiles of the engine (~11 s)
 def test_out_of_range_targets_are_loud_under_jit():
   p, x, y = _setup()
   y = y.at[1, 2].set(C)   # one class past the end (not IGNORE_INDEX)
@@ -83,7 +84,8 @@ class _OwnVariables:
     return _model(self.p, x)
 
 
-@pytest.mark.parametrize("estimator", ["fisher", "fisher_vmap", "mas", "sig", "grad_and_fisher"])
+@pytest.mark.parametrize("estimator", ["fisher", *(pytest.param(e, marks=pytest.mark.slow)
+                                                   for e in ("fisher_vmap", "mas", "sig", "grad_and_fisher"))])
 def test_params_that_never_reach_the_outputs_are_refused(estimator):
   p, x, y = _setup()
   model = _OwnVariables(p)
@@ -151,6 +153,7 @@ def _moe_dense(p, x):
   return (jnp.tanh(h) * gate @ p["head"]).reshape(b, t, -1)
 
 
+@pytest.mark.slow   # a per-example loop and four estimator compiles (~25 s)
 def test_ragged_dot_under_the_vmap_reference_and_sig():
   moe_sorted, p, x, y = _moe_parts()
   n = x.shape[0]
