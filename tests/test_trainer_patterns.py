@@ -204,3 +204,18 @@ def test_metrics_read_a_schedule_at_the_state_count():
 def test_strength_by_position_is_named(factory):
   with pytest.raises(ValueError, match=r"strength="):
     factory()
+
+
+def test_optax_state_over_an_nnx_state_keeps_its_variables():
+  """optax over ``nnx.split`` params (nnx.State of Params): the fitted importance keeps the Param
+  wrappers, so a jitted update's trees still match (a plain-array importance broke tree_map)."""
+  model = Stack(nnx.Rngs(0))
+  _, params = nnx.split(model, nnx.Param)
+  tx = wj.wva_adam(1e-2, strength=2.0)
+  state = wj.set_importance(tx.init(params), jax.tree_util.tree_map(jnp.ones_like, params))
+  state = wj.consolidate(state, params, jax.tree_util.tree_map(jnp.ones_like, params))
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  first = jax.tree_util.tree_leaves(updates)[0]
+  # Adam's first step is -lr * sign(g) = -0.01; WVA with importance 1 + 1 = 2 at strength 2: / (1 + 4)
+  np.testing.assert_allclose(np.asarray(first), -0.01 / 5, rtol=1e-5)

@@ -88,9 +88,9 @@ def matched_leaves(value: Any, like: Any, name: str, *, what: str = "the optimiz
 def fit_like(value: Any, like: Any, name: str, *, what: str = "the optimizer's state") -> Any:
   """``value``'s leaves, matched by path, in ``like``'s tree structure (masked nodes kept)."""
   leaves = matched_leaves(value, like, name, what=what)
-  # ``like``'s own structure, with nnx.Variable leaves replaced by arrays
-  treedef = jax.tree_util.tree_structure(like, is_leaf=is_variable)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+  # ``like``'s own structure, nnx.Variable nodes included (each holds one array): a state built
+  # from an nnx.State keeps its Param wrappers, so its tree still matches the updates'
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
 
 
 def _sample(names: list[str]) -> str:
