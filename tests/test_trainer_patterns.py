@@ -146,7 +146,10 @@ def _expected_update(grads, strength):
           "norm": {"scale": -0.1 * g["norm"]["scale"]}}
 
 
-@pytest.mark.parametrize("build", [_masked_wva, _partitioned_wva, _partition_wva],
+_NO_PARTITION = pytest.mark.skipif(not hasattr(optax, "partition"), reason="optax.partition: optax >= 0.2.4")
+
+
+@pytest.mark.parametrize("build", [_masked_wva, _partitioned_wva, pytest.param(_partition_wva, marks=_NO_PARTITION)],
                          ids=["masked", "multi_transform", "partition"])
 @pytest.mark.parametrize("how", ["consolidate", "set_importance", "factory"])
 def test_masked_states_take_a_params_shaped_tree(build, how):

@@ -1,7 +1,7 @@
 """Swapping a new task's importance or anchor into an existing optimizer state."""
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -221,10 +221,17 @@ def consolidate(opt_state: _S, params: optax.Params, importance: optax.Params, *
   check_importance_values(importance)
   check_finite(params, "params")
   if _is_nnx_optimizer(opt_state):
-    from flax import nnx
-    pure = nnx.as_pure(opt_state.opt_state)   # type: ignore[attr-defined]
-    new = _consolidate(pure, nnx.as_pure(params), nnx.as_pure(importance), replace, gamma)
-    nnx.update(opt_state.opt_state, nnx.state(new))   # type: ignore[attr-defined]
+    # The optimizer's state holds nnx.Variables: consolidate their values, then write each back into
+    # its variable (in place, as nnx.Optimizer.update does); no flax API newer than 0.12.2 needed.
+    variable = _nnx_variable_type()
+    is_var = lambda x: isinstance(x, variable)
+    inner: Any = opt_state.opt_state   # type: ignore[attr-defined]
+    slots = jax.tree_util.tree_leaves(inner, is_leaf=is_var)
+    pure = jax.tree_util.tree_map(lambda x: x.get_value() if is_var(x) else x, inner, is_leaf=is_var)
+    new = _consolidate(pure, params, importance, replace, gamma)
+    for slot, value in zip(slots, jax.tree_util.tree_leaves(new), strict=True):
+      if is_var(slot):
+        slot.set_value(value)
     return opt_state
   return _consolidate(opt_state, params, importance, replace, gamma)
 
