@@ -215,7 +215,8 @@ HOISTED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(HOISTED))
+@pytest.mark.parametrize("name", [n if n.startswith("under jax.checkpoint") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(HOISTED)])   # ~4 s each: one in the fast suite
 def test_transforms_under_remat_jit_and_scan_are_on_the_fast_path(name):
   params, x, y = _data()
   model = HOISTED[name]

@@ -185,6 +185,7 @@ def _gate(value):
   return {"w": jnp.ones((3, 4)) * 0.1, "g": jnp.asarray(value, jnp.float32)}
 
 
+@pytest.mark.slow   # ~9 s; the fast suite keeps test_a_training_step_probes_every_nth_call
 def test_a_pass_holds_for_the_values_it_was_probed_on():
   # issue 27 item 2: the model passes at g=0; after "training" (g=1) it mixes and must be refused,
   # eagerly and in a jitted estimator, not served from the cache of the first pass.

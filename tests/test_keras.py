@@ -46,6 +46,7 @@ def _recipe(model):
   return apply_fn, trainable
 
 
+@pytest.mark.slow   # ~7 s; the traps test below stays in the fast suite
 def test_stateless_call_recipe_matches_the_per_example_loop():
   model, x, y = _sequential()
   apply_fn, params = _recipe(model)

@@ -163,6 +163,7 @@ def test_bias_and_norm_names_are_exempt():
   assert int((got["ln_norm"]["scale"] != 0).sum()) == 3
 
 
+@pytest.mark.slow   # ~3 s
 def test_one_rounding_for_concrete_and_traced_fractions():
   m = {"w": jnp.asarray(np.random.default_rng(1).permutation(100).reshape(10, 10), jnp.float32)}
   ones = {"w": jnp.ones((10, 10))}

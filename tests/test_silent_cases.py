@@ -44,7 +44,8 @@ def _close(a, b):
     np.testing.assert_allclose(np.asarray(u), v, rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])   # eager: ~12 s of compiles
+@pytest.mark.slow   # ~11 s (jit) and ~12 s (eager) of compiles: CI's whole-suite run
+@pytest.mark.parametrize("jit", [False, True])
 def test_ignore_index_drops_positions(jit):
   p, x, y = _setup()
   want = _loop_fisher(p, x, y)
@@ -99,6 +100,7 @@ def test_params_that_never_reach_the_outputs_are_refused(estimator):
     call[estimator]()
 
 
+@pytest.mark.slow   # ~8 s
 def test_a_model_reading_some_params_is_accepted():
   p, x, y = _setup()
   partly = lambda q, x: _model({**q, "w1": p["w1"]}, x)   # w1 closed over, b1 and w2 read
@@ -123,6 +125,7 @@ def test_variable_objects_as_params_name_the_fix():
     wj.importance.fisher(_model, wrapped, x, y)
 
 
+@pytest.mark.slow   # ~4 s
 def test_engine_report_runs_the_batch_independence_probe():
   p, x, _ = _setup()
   rolled = lambda q, x: jnp.roll(_model(q, x), 1, axis=0)

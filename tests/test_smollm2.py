@@ -37,6 +37,7 @@ def test_unpermute_inverts_llama_cpps_permutation():
   np.testing.assert_array_equal(unpermute(permuted, 6), w)
 
 
+@pytest.mark.slow   # reads the 98 MB GGUF's metadata (~7 s)
 def test_tokenizer_splits_digits_and_keeps_control_tokens():
   from experiments.elephants import smollm2 as S
   try:
