@@ -18,8 +18,10 @@ gradient ``g_b`` at the frontier; the leaves' per-example gradients are then
 included) plus what ``G`` gives them directly, reduced afterwards. The cost
 is one per-example VJP of the transforms, which read no data.
 
-Only the top level of the model's jaxpr is split: a transform inside a
-``jit``-wrapped call or a scan body keeps the general per-leaf path.
+Only the top level of the model's jaxpr is split; ``_hoist`` has already
+moved the parameter-only work of ``jit``/``remat`` calls and the loop
+invariants of scans there. A transform of a scan's per-layer slices keeps
+the general per-leaf path.
 """
 from __future__ import annotations
 
