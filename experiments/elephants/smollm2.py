@@ -242,3 +242,23 @@ def greedy(fn, params, prompt_ids: list[int], max_new: int = 24, stop: int = 2) 
       break
     ids.append(nxt)
   return ids[len(prompt_ids):]
+
+
+def check(seq: int = 256) -> dict:
+  """What the docs quote: parameter count, prose NLL (nats/token) on ``seq`` tokens of the stdlib's
+  ``pydoc_data`` topics (the first three), and the greedy chat answer to the capital question."""
+  import pydoc_data.topics as topics
+
+  import optax
+
+  graphdef, params = load()
+  fn = apply_fn(graphdef)
+  ids = jnp.asarray([encode(" ".join(list(topics.topics.values())[:3]))[:seq + 1]])
+  nll = optax.softmax_cross_entropy_with_integer_labels(jax.jit(fn)(params, ids[:, :-1]), ids[:, 1:]).mean()
+  answer = decode(greedy(fn, params, encode(chat_prompt("What is the capital of France?"))))
+  return {"params": sum(x.size for x in jax.tree_util.tree_leaves(params)), "prose_nll": float(nll),
+          "answer": answer}
+
+
+if __name__ == "__main__":   # python -m experiments.elephants.smollm2
+  print(check())
