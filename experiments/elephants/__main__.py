@@ -1,8 +1,12 @@
-"""``python -m experiments.elephants <scenario|memory|scale|lora_lr|merge|report> [--quick]``.
+"""``python -m experiments.elephants <scenario|real|real_report|memory|scale|lora_lr|merge|report> [--quick]``.
 
 * ``scenario [--seeds 0 1 2]``: pretrain on prose, fine-tune on Python per
   method and lambda, per seed; appends to ``results/scenario[-quick].jsonl``
   (resumable: runs already there, by seed, are skipped).
+* ``real [--seeds 0]``: SmolLM2-135M-Instruct fine-tuned on Milton with every arm
+  of ``real.GRID`` (seed 0) or ``real.SELECTED`` (other seeds); appends to
+  ``results/real[-quick].jsonl`` (resumable). ``real_report``: its tables and
+  figure -> ``results/real.md``, ``real.png``.
 * ``memory``: bytes of params / optimizer / consolidation state per method,
   measured from compiled train steps -> ``results/memory.{json,md}``.
 * ``scale``: importance time and peak memory for transformers up to 100M+
@@ -22,7 +26,8 @@ import sys
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m experiments.elephants", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("command", choices=["scenario", "memory", "scale", "lora_lr", "merge", "report"])
+  p.add_argument("command", choices=["scenario", "real", "real_report", "memory", "scale", "lora_lr", "merge",
+                                     "report"])
   p.add_argument("--quick", action="store_true", help="small, fast version (pipeline check)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0],
                  help="scenario: independent replicates to run (default: 0); finished ones are skipped")
@@ -30,6 +35,14 @@ def main(argv=None):
   if args.command == "scenario":
     from experiments.elephants import scenario
     scenario.run_seeds(scenario.QUICK if args.quick else scenario.Scenario(), args.seeds)
+  elif args.command == "real":
+    from experiments.elephants import real
+    cfg = real.QUICK if args.quick else real.Config()
+    for seed in args.seeds:
+      real.run((seed,), cfg, real.grid_for(seed, args.quick))
+  elif args.command == "real_report":
+    from experiments.elephants import real_report
+    print(real_report.main(quick=args.quick))
   elif args.command == "memory":
     from experiments.elephants import memory
     memory.main(quick=args.quick)

@@ -52,24 +52,39 @@ def _sequenced(fn: Callable, a_s: list, b_s: list, f_s: list) -> list:
   adapter's own computation: XLA cannot schedule two adapters' dense products
   side by side, so at most one layer's ``A @ B`` (and its ``F``-weighted
   copy) is live. (An ``optimization_barrier`` between layers does not do
-  it: XLA's CPU pipeline drops it before scheduling.) The loop carries only
-  the outputs (adapter-sized gradients or scalars).
+  it: XLA's CPU pipeline drops it before scheduling.) The loop carries one
+  flat float32 buffer of all the outputs (adapter-sized gradients or
+  scalars), each branch writing its own slice: carrying the outputs as a list
+  made every branch pass all the others through, and compiling took time
+  cubic in the adapter count (30 adapters 1.6 s, 120 adapters 136 s; a
+  30-layer model with 7 adapted matrices a layer did not finish in 6 minutes).
   """
   if len(a_s) <= 1:
     return [_per_layer(fn, a, b, f) for a, b, f in zip(a_s, b_s, f_s)]
-  zeros = lambda s: jnp.zeros(s.shape, s.dtype)
-  init = [jax.tree_util.tree_map(zeros, jax.eval_shape(partial(_per_layer, fn), a, b, f))
-          for a, b, f in zip(a_s, b_s, f_s)]
+  shapes = [jax.eval_shape(partial(_per_layer, fn), a, b, f) for a, b, f in zip(a_s, b_s, f_s)]
+  flat_shapes = [jax.tree_util.tree_flatten(s) for s in shapes]
+  sizes = [[math.prod(x.shape) for x in leaves] for leaves, _ in flat_shapes]
+  offsets = [0]
+  for sz in sizes:
+    offsets.append(offsets[-1] + sum(sz))
 
   def branch(l):
-    def run(outs):
-      outs = list(outs)
-      outs[l] = _per_layer(fn, a_s[l], b_s[l], f_s[l])
-      return outs
+    def run(buf):
+      leaves = jax.tree_util.tree_leaves(_per_layer(fn, a_s[l], b_s[l], f_s[l]))
+      flat = jnp.concatenate([jnp.ravel(x).astype(_F32) for x in leaves])
+      return lax.dynamic_update_slice(buf, flat, (offsets[l],))
     return run
 
-  return lax.fori_loop(0, len(a_s), lambda i, outs: lax.switch(i, [branch(l) for l in range(len(a_s))], outs),
-                       init)
+  branches = [branch(l) for l in range(len(a_s))]
+  buf = lax.fori_loop(0, len(a_s), lambda i, buf: lax.switch(i, branches, buf), jnp.zeros(offsets[-1], _F32))
+  out = []
+  for l, ((leaves, treedef), sz) in enumerate(zip(flat_shapes, sizes)):
+    at, parts = offsets[l], []
+    for x, n in zip(leaves, sz):
+      parts.append(buf[at:at + n].reshape(x.shape).astype(x.dtype))
+      at += n
+    out.append(jax.tree_util.tree_unflatten(treedef, parts))
+  return out
 
 
 @jax.custom_vjp
