@@ -6,7 +6,6 @@ CI tests the oldest supported versions too), the claim does not. The README
 states what the examples print; tests/test_readme.py checks those numbers
 against the same bounds.
 """
-import math
 import os
 import re
 import subprocess
@@ -22,16 +21,16 @@ ACCURACY = re.compile(r"strength (\S+): accuracy on A ([\d.]+), on B ([\d.]+)")
 ACCURACY_BOUNDS = {"kept": {"A": (0.85, 1.0), "B": (0.9, 1.0)},
                    "plain": {"A": (0.0, 0.6), "B": (0.9, 1.0)}}
 
-# examples/lm_finetune.py prints "<method>: loss on old text o, on new text n" (nats per token).
-# Pretrained: the old text known; plain fine-tuning learns the new text and forgets the old;
-# WVA keeps the old and learns the new; plain LoRA forgets the old too, LoRA-EWC keeps most of it
-# and still learns (the pretrained model's loss on the new text is over 6).
-LM_LOSS = re.compile(r"^(\w+): loss on old text ([\d.]+), on new text ([\d.]+)$", re.M)
-LM_BOUNDS = {"pretrained": {"old": (0.0, 0.1), "new": (5.0, math.inf)},
-             "plain": {"old": (0.5, math.inf), "new": (0.0, 0.1)},
-             "wva": {"old": (0.0, 0.1), "new": (0.0, 0.5)},
-             "lora": {"old": (5.0, math.inf), "new": (0.0, 0.5)},
-             "lora_ewc": {"old": (0.0, 2.0), "new": (0.0, 3.0)}}
+# examples/lm_finetune.py prints "<method>: next-token accuracy on old text o, on new text n".
+# Pretrained: the old text known, the new one not; plain fine-tuning learns the new text and forgets
+# the old; WVA keeps the old and learns the new; plain LoRA forgets the old too, LoRA-EWC keeps most
+# of it and learns most of the new.
+LM_LOSS = re.compile(r"^(\w+): next-token accuracy on old text ([\d.]+), on new text ([\d.]+)$", re.M)
+LM_BOUNDS = {"pretrained": {"old": (0.95, 1.0), "new": (0.0, 0.1)},
+             "plain": {"old": (0.0, 0.7), "new": (0.95, 1.0)},
+             "wva": {"old": (0.95, 1.0), "new": (0.95, 1.0)},
+             "lora": {"old": (0.0, 0.2), "new": (0.95, 1.0)},
+             "lora_ewc": {"old": (0.6, 1.0), "new": (0.7, 1.0)}}
 
 
 def within(values: dict, bounds: dict) -> bool:
@@ -73,7 +72,7 @@ def test_lm_finetune_keeps_the_old_text_with_wva_and_lora_ewc():
   assert list(losses) == list(LM_BOUNDS), out
   for name, bounds in LM_BOUNDS.items():
     assert within(losses[name], bounds), (name, out)
-  assert losses["lora_ewc"]["old"] < losses["lora"]["old"] / 10, out
+  assert losses["lora_ewc"]["old"] > losses["lora"]["old"] + 0.4, out
 
 
 @pytest.mark.slow   # a fresh LM and a compiled step: seconds (tests/test_donation.py covers the library)

@@ -59,7 +59,7 @@ def test_readme_states_numbers_within_the_tested_bounds():
   assert list(losses) == list(LM_BOUNDS), output
   for name, bounds in LM_BOUNDS.items():
     assert within(losses[name], bounds), (name, losses[name])
-  assert losses["lora_ewc"]["old"] < losses["lora"]["old"] / 10, output
+  assert losses["lora_ewc"]["old"] > losses["lora"]["old"] + 0.4, output
 
 
 def test_engine_page_cost_table_is_the_committed_benchmark():
