@@ -239,3 +239,116 @@ def test_fisher_merge_errors():
     wj.fisher_merge([p, p], [p, p], weights=[0.0, 0.0])
   with pytest.raises(ValueError, match="empty"):
     wj.fisher_merge([], [])
+
+
+# ----------------------------------------------------------------- other tools' names (names=, hf_names)
+
+def _flax_llama():
+  """transformers' FlaxLlamaForCausalLM (a tiny random config): a Flax tree with Hugging Face module names."""
+  transformers = pytest.importorskip("transformers")
+  cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+  return cfg, transformers.FlaxLlamaForCausalLM(cfg, seed=0).params
+
+
+def test_hf_names_give_llama_names_other_tools_know(tmp_path):
+  """Every name hf_names gives a transformers Flax Llama is a Llama tensor that gguf's name table (llama.cpp's
+  converter, not this project) knows, each linear weight [out, in] as PyTorch holds it, and the file loads back
+  as the tree it came from, with and without like."""
+  gguf = pytest.importorskip("gguf")
+  cfg, params = _flax_llama()
+  imp = jax.tree_util.tree_map(lambda p: jnp.asarray(RNG.random(p.shape), jnp.bfloat16), params)
+  path = tmp_path / "imp.safetensors"
+  wj.save_importance(path, imp, names=wj.hf_names())
+  raw = safetensors.numpy.load_file(str(path))
+  table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+  unknown = [n for n in raw if table.get_name(n, try_suffixes=(".weight", ".bias")) is None]
+  assert not unknown, unknown
+  assert len(raw) == len(jax.tree_util.tree_leaves(params)) == 3 + 9 * cfg.num_hidden_layers
+  hd = cfg.hidden_size // cfg.num_attention_heads
+  assert raw["model.layers.1.self_attn.q_proj.weight"].shape == (cfg.num_attention_heads * hd, cfg.hidden_size)
+  assert raw["model.layers.1.self_attn.k_proj.weight"].shape == (cfg.num_key_value_heads * hd, cfg.hidden_size)
+  assert raw["model.layers.0.mlp.down_proj.weight"].shape == (cfg.hidden_size, cfg.intermediate_size)
+  assert raw["lm_head.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
+  k = np.asarray(imp["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"])
+  assert raw["model.layers.0.mlp.up_proj.weight"].tobytes() == np.ascontiguousarray(k.T).tobytes()
+  _assert_identical(wj.load_importance(path), imp)
+  _assert_identical(wj.load_importance(path, like=params), imp)
+
+
+READER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ml_dtypes  # registers numpy's bfloat16: safetensors.numpy cannot read a BF16 file without it
+    from safetensors.numpy import load_file
+    imp, par = load_file(sys.argv[1]), load_file(sys.argv[2])
+    # a merging tool's view: the importance beside each weight under the same name
+    assert sorted(imp) == sorted(par)
+    out = {n: [list(imp[n].shape), str(imp[n].dtype), list(par[n].shape),
+               float((imp[n].astype("float32") * par[n].astype("float32")).sum())] for n in imp}
+    print("RESULT " + json.dumps({"tensors": out, "wva_jax": "wva_jax" in sys.modules, "jax": "jax" in sys.modules}))
+""")
+
+
+def test_renamed_importance_and_params_read_by_name_without_wva_jax(tmp_path):
+  """The Llama names, importance in bf16 and the parameters saved beside it: a process that never imports wva_jax
+  (nor jax) reads both by name with safetensors.numpy (and ml_dtypes for bf16) and pairs them."""
+  cfg, params = _flax_llama()
+  imp = jax.tree_util.tree_map(lambda p: jnp.asarray(RNG.random(p.shape), jnp.bfloat16), params)
+  wj.save_importance(tmp_path / "imp.safetensors", imp, names=wj.hf_names(), metadata={"estimator": "fisher"})
+  wj.save_importance(tmp_path / "params.safetensors", params, names=wj.hf_names())
+  script = tmp_path / "read.py"
+  script.write_text(READER_SCRIPT)
+  proc = subprocess.run([sys.executable, str(script), str(tmp_path / "imp.safetensors"),
+                         str(tmp_path / "params.safetensors")], capture_output=True, text=True, timeout=300,
+                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+  assert not out["wva_jax"] and not out["jax"]
+  name = "model.layers.1.self_attn.o_proj.weight"
+  shape, dtype, pshape, dot = out["tensors"][name]
+  assert shape == pshape == [cfg.hidden_size, cfg.hidden_size] and dtype == "bfloat16"
+  kernel = params["model"]["layers"]["1"]["self_attn"]["o_proj"]["kernel"]
+  f = np.asarray(imp["model"]["layers"]["1"]["self_attn"]["o_proj"]["kernel"], np.float32)
+  assert dot == pytest.approx(float((f * np.asarray(kernel, np.float32)).sum()), rel=1e-5)
+
+
+def test_names_dict_and_errors(tmp_path):
+  tree = {"a": {"kernel": jnp.ones((2, 3))}, "b": jnp.arange(3.0)}
+  path = tmp_path / "imp.safetensors"
+  wj.save_importance(path, tree, names={"a/kernel": "x.weight", "b": "y"})
+  assert sorted(safetensors.numpy.load_file(str(path))) == ["x.weight", "y"]
+  _assert_identical(wj.load_importance(path, like=tree), tree)
+  with pytest.raises(ValueError, match="no entry for the tensor 'b'"):
+    wj.save_importance(path, tree, names={"a/kernel": "x"})
+  with pytest.raises(ValueError, match="maps both 'a/kernel' and 'b' to 'x'"):
+    wj.save_importance(path, tree, names={"a/kernel": "x", "b": "x"})
+  with pytest.raises(ValueError, match=r"axes \(0, 0\) for 'a/kernel'"):
+    wj.save_importance(path, tree, names=lambda n, s: (n, (0, 0)) if len(s) == 2 else n)
+
+
+TRANSPOSED_SHARDED = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import wva_jax as wj
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    k = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6)
+    wj.save_importance(sys.argv[1], {"l": {"kernel": k}}, names=wj.hf_names())
+    like = {"l": {"kernel": jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))}}
+    got = wj.load_importance(sys.argv[1], like=like)["l"]["kernel"]
+    assert got.sharding.spec == P("fsdp", None), got.sharding
+    assert np.array_equal(np.asarray(got), np.asarray(k))
+    print("RESULT ok")
+""")
+
+
+def test_renamed_transposed_file_loads_into_a_sharded_like(tmp_path):
+  """Each device reads its rows of the tree's [in, out] kernel from the file's transposed [out, in] weight."""
+  script = tmp_path / "t.py"
+  script.write_text(TRANSPOSED_SHARDED)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, str(script), str(tmp_path / "s.safetensors")], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "RESULT ok" in proc.stdout

@@ -6,7 +6,7 @@ velocity attenuation, WVA) restrain changes to important parameters.
 """
 from wva_jax import importance, metrics, sharding
 from wva_jax.ewc import EWCState, add_ewc, ewc_penalty, implicit_ewc
-from wva_jax.io import importance_metadata, load_importance, save_importance
+from wva_jax.io import hf_names, importance_metadata, load_importance, save_importance
 from wva_jax.lora import (
   LoRAState,
   add_lora_ewc,
@@ -28,4 +28,5 @@ __all__ = ["importance", "metrics", "sharding", "wva_scale", "wva_sgd", "wva_ada
            "ewc_penalty", "add_ewc", "implicit_ewc", "EWCState", "set_importance", "set_anchor", "consolidate",
            "lora_importance", "lora_ewc_penalty", "lora_ewc_grad", "add_lora_ewc", "lora_pullback",
            "lora_wva_scale", "LoRAState", "save_importance", "load_importance", "importance_metadata",
+           "hf_names",
            "fisher_merge", "training_metrics", "mofo", "scale_by_mofo"]

@@ -31,16 +31,32 @@ Its grammar: a leaf is its tensor name (a JSON string), ``null`` an empty
 subtree, ``{"dict": [[key, child], ...]}`` (key a string or an integer),
 ``{"list": [...]}`` and ``{"tuple": [...]}``.
 
+Other tools' names (``names=``): a dict ``{tree name: file name}`` or a
+callable ``f(name, shape) -> file name`` or ``(file name, axes)``, ``axes``
+a permutation the tensor is transposed by on its way to the file (PyTorch
+keeps a linear layer's weight ``[out, in]``, Flax its kernel ``[in, out]``).
+:func:`hf_names` is the Hugging Face convention (transformers' own
+Flax-to-PyTorch conversion): ``/`` becomes ``.``, a ``kernel`` becomes a
+transposed ``weight``, an ``embedding`` or a norm's ``scale`` a ``weight``,
+with optional regex renames first for trees whose module names differ.
+The header's ``wva_jax_names`` (JSON ``{file name: [tree name, axes]}``)
+lets :func:`load_importance` undo both, so a renamed file loads back as the
+tree it came from. Save the parameters with the same ``names`` and a merging
+tool finds each importance beside its weight.
+
 Reading elsewhere: ``safetensors.numpy.load_file(path)`` gives ``{name:
-array}`` (bfloat16 as ``ml_dtypes.bfloat16``); for the sharded layout, read
-``weight_map`` from the index and load each file it names.
+array}``; a bfloat16 file needs ``import ml_dtypes`` first (it registers
+numpy's ``bfloat16``; without it safetensors fails with ``data type
+'bfloat16' not understood``). For the sharded layout, read ``weight_map``
+from the index and load each file it names.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -53,7 +69,68 @@ from wva_jax._variables import is_variable as _is_variable
 from wva_jax._variables import unwrap as _unwrap
 
 FORMAT = "wva_jax.importance"
-_RESERVED = ("format", "wva_jax_version", "wva_jax_structure")
+_RESERVED = ("format", "wva_jax_version", "wva_jax_structure", "wva_jax_names")
+Names = Mapping[str, str] | Callable[[str, tuple], "str | tuple[str, Sequence[int]]"]
+
+
+def hf_names(renames: Sequence[tuple[str, str]] = ()) -> Callable[[str, tuple], tuple[str, tuple[int, ...] | None]]:
+  r"""The Hugging Face (PyTorch) names and layouts of a Flax tree's tensors, for ``save_importance(names=...)``.
+
+  transformers' Flax-to-PyTorch rule: each ``(pattern, replacement)`` of
+  ``renames`` is applied to the ``/``-joined name first (``re.sub``, in
+  order); then a 2-D ``kernel`` becomes ``weight`` transposed to ``[out,
+  in]`` (a 4-D one ``[out, in, h, w]``), an ``embedding`` or ``scale`` becomes
+  ``weight``, and ``/`` becomes ``.``. A transformers Flax model's tree
+  (``FlaxLlamaForCausalLM``: ``model/layers/0/self_attn/q_proj/kernel``)
+  needs no renames; an NNX tree with other module names passes them.
+
+  Example:
+    >>> import wva_jax as wj
+    >>> f = wj.io.hf_names([(r"^blocks/(\d+)/q/", r"model/layers/\1/self_attn/q_proj/")])
+    >>> f("blocks/3/q/kernel", (576, 576))
+    ('model.layers.3.self_attn.q_proj.weight', (1, 0))
+  """
+  compiled = [(re.compile(p), r) for p, r in renames]
+
+  def name(tree_name: str, shape: tuple) -> tuple[str, tuple[int, ...] | None]:
+    for pattern, repl in compiled:
+      tree_name = pattern.sub(repl, tree_name)
+    *head, last = tree_name.split("/")
+    axes = None
+    if last == "kernel":
+      last, axes = "weight", {2: (1, 0), 4: (3, 2, 0, 1)}.get(len(shape))
+    elif last in ("embedding", "scale"):
+      last = "weight"
+    return ".".join(head + [last]), axes
+
+  return name
+
+
+def _file_names(named: list[tuple[str, Any]], names: Names | None) -> list[tuple[str, tuple[int, ...] | None]]:
+  """``(file name, axes or None)`` of each ``(tree name, leaf)``; a clash or a bad axes is a ``ValueError``."""
+  out: list[tuple[str, tuple[int, ...] | None]] = []
+  seen: dict[str, str] = {}
+  for tree_name, leaf in named:
+    shape = tuple(jnp.shape(_unwrap(leaf)))
+    if names is None:
+      got: Any = tree_name
+    elif isinstance(names, Mapping):
+      if tree_name not in names:
+        raise ValueError(f"names has no entry for the tensor {tree_name!r} (a dict must name every tensor; "
+                         f"{len(named)} in all)")
+      got = names[tree_name]
+    else:
+      got = names(tree_name, shape)
+    new, axes = (got, None) if isinstance(got, str) else (got[0], None if got[1] is None else tuple(got[1]))
+    if not isinstance(new, str) or not new:
+      raise ValueError(f"names gave {got!r} for {tree_name!r}: expected a non-empty string or (string, axes)")
+    if axes is not None and sorted(axes) != list(range(len(shape))):
+      raise ValueError(f"names gave axes {axes} for {tree_name!r} of shape {shape}: not a permutation of its axes")
+    if new in seen:
+      raise ValueError(f"names maps both {seen[new]!r} and {tree_name!r} to {new!r}")
+    seen[new] = tree_name
+    out.append((new, axes))
+  return out
 
 
 def _name(path: tuple) -> str:
@@ -142,7 +219,7 @@ def _shard_name(path: str, i: int, n: int) -> str:
 
 
 def save_importance(path: str | os.PathLike, importance: Any, *, metadata: Mapping[str, Any] | None = None,
-                    max_shard_bytes: int | None = None) -> list[str]:
+                    max_shard_bytes: int | None = None, names: Names | None = None) -> list[str]:
   """Writes an importance (any pytree of arrays) as safetensors, dtypes and shapes kept.
 
   The layout, the tensor names and the header are described in
@@ -162,6 +239,9 @@ def save_importance(path: str | os.PathLike, importance: Any, *, metadata: Mappi
     max_shard_bytes: if given and the tensors' bytes exceed it, write several
       files of at most this many bytes each (a larger single tensor gets a
       file of its own).
+    names: other tools' tensor names (and layouts): a dict ``{tree name:
+      file name}`` or ``f(tree name, shape) -> name | (name, axes)``, e.g.
+      :func:`hf_names`; :mod:`wva_jax.io` describes it.
 
   Returns:
     The paths written (the file, or the shards then the index).
@@ -185,6 +265,9 @@ def save_importance(path: str | os.PathLike, importance: Any, *, metadata: Mappi
   if not named:
     raise ValueError("importance has no arrays to save")
   header = _header_metadata(metadata, _structure(importance))
+  mapped = _file_names(named, names)
+  if names is not None:
+    header["wva_jax_names"] = json.dumps({new: [old, axes] for (old, _), (new, axes) in zip(named, mapped)})
   sizes = []
   for name, leaf in named:
     leaf = _unwrap(leaf)
@@ -207,22 +290,25 @@ def save_importance(path: str | os.PathLike, importance: Any, *, metadata: Mappi
     groups = [list(range(len(named)))]
 
   def host(i: int) -> np.ndarray:
-    return np.asarray(jax.device_get(_unwrap(named[i][1])), order="C")   # (ascontiguousarray makes 0-d 1-d)
+    x = np.asarray(jax.device_get(_unwrap(named[i][1])))
+    if mapped[i][1] is not None:
+      x = np.transpose(x, mapped[i][1])
+    return np.asarray(x, order="C")   # (ascontiguousarray makes 0-d 1-d)
 
   directory = os.path.dirname(path)
   if not sharded:
     if os.path.isfile(_index_path(path)):
       os.remove(_index_path(path))
-    save_file({named[i][0]: host(i) for i in groups[0]}, path, metadata=header)
+    save_file({mapped[i][0]: host(i) for i in groups[0]}, path, metadata=header)
     return [path]
   if os.path.isfile(path):
     os.remove(path)
   written, weight_map = [], {}
   for g, idx in enumerate(groups):
     fname = _shard_name(path, g + 1, len(groups))
-    save_file({named[i][0]: host(i) for i in idx}, os.path.join(directory, fname), metadata=header)
+    save_file({mapped[i][0]: host(i) for i in idx}, os.path.join(directory, fname), metadata=header)
     written.append(os.path.join(directory, fname))
-    weight_map.update({named[i][0]: fname for i in idx})
+    weight_map.update({mapped[i][0]: fname for i in idx})
   with open(_index_path(path), "w") as f:
     json.dump({"metadata": {"total_size": total, **header}, "weight_map": weight_map}, f, indent=1)
   written.append(_index_path(path))
@@ -308,20 +394,35 @@ def load_importance(path: str | os.PathLike, like: Any = None) -> Any:
     [0.0, 1.0, 2.0]
   """
   files, meta = _files(os.fspath(path))
-  get, whole, handles = _reader(files)
+  # a file saved with names=: tree name -> (file name, axes); read back in the tree's names and layout
+  renamed = {old: (new, None if axes is None else tuple(axes))
+             for new, (old, axes) in json.loads(meta.get("wva_jax_names", "{}")).items()}
+  files_by_tree = {old: new for old, (new, _) in renamed.items() if new in files} if renamed else \
+      {n: n for n in files}
+  raw_get, raw_whole, handles = _reader(files)
+  inverse = lambda axes: None if axes is None else tuple(int(i) for i in np.argsort(axes))
+  axes_of = lambda name: renamed.get(name, (name, None))[1]
+
+  def whole(name):
+    x = raw_whole(files_by_tree[name])
+    return x if axes_of(name) is None else np.transpose(x, inverse(axes_of(name)))
+
+  def get(name):
+    return _Transposed(raw_get(files_by_tree[name]), axes_of(name))
+
   try:
     if like is None:
-      arrays = {name: jnp.asarray(whole(name)) for name in files}
+      arrays = {name: jnp.asarray(whole(name)) for name in files_by_tree}
       structure = meta.get("wva_jax_structure")
       if structure is None:   # written by another tool: a flat dict of names
         return arrays
       return _rebuild(json.loads(structure), arrays)
     named = _named_leaves(like, "like")
-    missing = [n for n, _ in named if n not in files]
+    missing = [n for n, _ in named if n not in files_by_tree]
     if missing:
       raise ValueError(f"{path!s} has no tensor {missing[0]!r} (that like needs; {len(missing)} missing in all), "
-                       f"it has {sorted(files)[:8]}{' ...' if len(files) > 8 else ''}")
-    extra = sorted(set(files) - {n for n, _ in named})
+                       f"it has {sorted(files_by_tree)[:8]}{' ...' if len(files_by_tree) > 8 else ''}")
+    extra = sorted(set(files_by_tree) - {n for n, _ in named})
     if extra:
       raise ValueError(f"{path!s} has tensor {extra[0]!r} that like has no leaf for "
                        f"({len(extra)} in all); pass a like with every saved name, or like=None")
@@ -347,6 +448,25 @@ def load_importance(path: str | os.PathLike, like: Any = None) -> Any:
   finally:
     for h in handles.values():
       h.__exit__(None, None, None)
+
+
+class _Transposed:
+  """A safetensors slice read in the tree's layout: the file holds ``transpose(x, axes)``."""
+
+  def __init__(self, sl: Any, axes: tuple[int, ...] | None):
+    self.sl, self.axes = sl, axes
+
+  def get_shape(self) -> list[int]:
+    shape = list(self.sl.get_shape())
+    return shape if self.axes is None else [shape[int(i)] for i in np.argsort(self.axes)]
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    if self.axes is None:
+      return self.sl[index]
+    index = index if isinstance(index, tuple) else (index,)
+    index = index + (slice(None),) * (len(self.axes) - len(index))
+    block = self.sl[tuple(index[a] for a in self.axes)]   # file axis k is the tree's axis axes[k]
+    return np.transpose(block, tuple(int(i) for i in np.argsort(self.axes)))
 
 
 def _read_slice(sl: Any, index: Any) -> np.ndarray:
