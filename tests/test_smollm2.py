@@ -60,3 +60,31 @@ def test_smollm2_knows_english_and_the_capital_of_france(smollm2):
   assert nll < 3.0, nll
   answer = S.decode(S.greedy(fn, params, S.encode(S.chat_prompt("What is the capital of France?"))))
   assert "Paris" in answer, answer
+
+
+def test_hf_names_of_the_tree_are_the_checkpoints():
+  """``wj.hf_names(HF_RENAMES)`` gives every tensor of the NNX tree its Hugging Face Llama name, checked against
+  gguf's name table (llama.cpp's converter maps those names to the GGUF ones the loader reads), each with the
+  shape the GGUF file's config implies, [out, in] for the projections. No download: shapes only."""
+  import gguf
+  from flax import nnx
+
+  import wva_jax as wj
+  from experiments.elephants import smollm2 as S
+
+  cfg = S.Config()
+  params = nnx.state(nnx.eval_shape(lambda: S.Llama(cfg, nnx.Rngs(0))), nnx.Param).to_pure_dict()
+  names = wj.hf_names(S.HF_RENAMES)
+  table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.layers)
+  got = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    hf, axes = names(name, leaf.shape)
+    got[hf] = leaf.shape if axes is None else tuple(leaf.shape[a] for a in axes)
+  assert len(got) == 2 + 9 * cfg.layers
+  gguf_names = {hf: table.get_name(hf, try_suffixes=(".weight",)) for hf in got}
+  assert all(gguf_names.values()), [hf for hf, g in gguf_names.items() if g is None]
+  assert gguf_names["model.layers.29.self_attn.q_proj.weight"] == "blk.29.attn_q.weight"
+  assert got["model.layers.0.self_attn.k_proj.weight"] == (cfg.kv_heads * cfg.head_dim, cfg.d_model)
+  assert got["model.layers.0.mlp.down_proj.weight"] == (cfg.d_model, cfg.ffn)
+  assert got["model.embed_tokens.weight"] == (cfg.vocab, cfg.d_model)

@@ -192,6 +192,15 @@ def load(path=None, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
   return graphdef, params
 
 
+# The Hugging Face names of this tree's tensors (``wj.hf_names(HF_RENAMES)``, for ``save_importance(names=)``):
+# the checkpoint's ``model.layers.{i}.self_attn.q_proj.weight`` and so on; no ``lm_head`` (tied to the embedding).
+HF_RENAMES = ((r"^embed/", "model/embed_tokens/"), (r"^norm/", "model/norm/"),
+              (r"^blocks/(\d+)/attn_norm/", r"model/layers/\1/input_layernorm/"),
+              (r"^blocks/(\d+)/ffn_norm/", r"model/layers/\1/post_attention_layernorm/"),
+              (r"^blocks/(\d+)/(q|k|v|o)/", r"model/layers/\1/self_attn/\2_proj/"),
+              (r"^blocks/(\d+)/(gate|up|down)/", r"model/layers/\1/mlp/\2_proj/"))
+
+
 def apply_fn(graphdef):
   """``(params, tokens) -> logits`` for the estimators and the training steps."""
   return lambda p, tokens: nnx.merge(graphdef, p)(tokens)
