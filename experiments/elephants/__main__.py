@@ -29,6 +29,8 @@ def main(argv=None):
   p.add_argument("command", choices=["scenario", "real", "real_report", "memory", "scale", "lora_lr", "merge",
                                      "report"])
   p.add_argument("--quick", action="store_true", help="small, fast version (pipeline check)")
+  p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                 help="real: 'cpu' (the committed CPU scenario) or 'gpu' (real.GPU: full length, real-gpu.jsonl)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0],
                  help="scenario: independent replicates to run (default: 0); finished ones are skipped")
   args = p.parse_args(argv)
@@ -37,12 +39,12 @@ def main(argv=None):
     scenario.run_seeds(scenario.QUICK if args.quick else scenario.Scenario(), args.seeds)
   elif args.command == "real":
     from experiments.elephants import real
-    cfg = real.QUICK if args.quick else real.Config()
+    cfg = real.QUICK if args.quick else real.GPU if args.preset == "gpu" else real.Config()
     for seed in args.seeds:
       real.run((seed,), cfg, real.grid_for(seed, args.quick))
   elif args.command == "real_report":
     from experiments.elephants import real_report
-    print(real_report.main(quick=args.quick))
+    print(real_report.main(name="real-quick" if args.quick else "real-gpu" if args.preset == "gpu" else "real"))
   elif args.command == "memory":
     from experiments.elephants import memory
     memory.main(quick=args.quick)

@@ -85,6 +85,10 @@ class Config:
   name: str = "real"
 
 
+# The same scenario at full length for an accelerator (`--preset gpu`): 10x the steps, 4x the batch, larger
+# held-out sets. It needs the cache ($WVA_JAX_DATA: the GGUF and the three package archives) on the device.
+GPU = Config(steps=400, eval_every=50, batch=16, eval_milton=64, eval_prose=64, eval_chat=256, quiz=240,
+             fisher_pairs=512, name="real-gpu")
 QUICK = Config(steps=2, eval_every=1, eval_milton=4, eval_prose=4, eval_chat=4, quiz=8, fisher_pairs=4,
                name="real-quick")
 

@@ -36,17 +36,22 @@ STRENGTH = {"mofo": "fraction", "replay": "pairs/step", "wise": "alpha", "lora":
 
 
 def label(r) -> str:
+  if r["arm"] == "plain":
+    return NAMES["plain"]
   return f"{NAMES[r['arm']]} {STRENGTH.get(r['arm'], 'lambda')}={r['strength']:g}"
 
 
 def trajectory(r, runs) -> list[dict]:
-  """The run's measures from the pretrained model on: every evaluation (WiSE-FT: its alpha grid to plain)."""
+  """The run's measures from the pretrained model on, ``step`` the training step; WiSE-FT: its whole alpha grid
+  from the pretrained model (alpha 0) to the plain run (alpha 1), ``step`` the alpha."""
   pre = {"step": 0, **r["pretrained"]}
   if r["arm"] != "wise":
     return [pre] + r["curve"]
   same = [x for x in runs if x["seed"] == r["seed"]]
-  wise = sorted((x for x in same if x["arm"] == "wise" and x["strength"] <= r["strength"]), key=lambda x: x["strength"])
-  return [pre] + [x["curve"][-1] for x in wise]
+  wise = sorted((x for x in same if x["arm"] == "wise"), key=lambda x: x["strength"])
+  plain = [x for x in same if x["arm"] == "plain"]
+  return [pre] + [{**x["curve"][-1], "step": x["strength"]} for x in wise] + \
+      [{**plain[0]["curve"][-1], "step": 1.0}] if plain else []
 
 
 def target(runs, seed) -> float | None:
@@ -65,14 +70,29 @@ def at_target(traj, tgt: float) -> dict | None:
 
 
 def matched(runs) -> dict:
-  """``{(seed, arm, strength): measures at matched learning or None}``."""
+  """``{(seed, arm, strength): measures at matched learning or None}``; WiSE-FT's whole grid is one entry,
+  strength ``None`` (its alpha grid is the trajectory)."""
   out = {}
   for r in runs:
     tgt = target(runs, r["seed"])
     if tgt is None:
       continue
-    out[(r["seed"], r["arm"], r["strength"])] = at_target(trajectory(r, runs), tgt)
+    out[(r["seed"], r["arm"], None if r["arm"] == "wise" else r["strength"])] = at_target(trajectory(r, runs), tgt)
   return out
+
+
+def matched_rows(runs) -> list[tuple]:
+  """``(seed, label, run)`` of each matched-learning row: every run, WiSE-FT once per seed."""
+  rows, seen = [], set()
+  for r in sorted(runs, key=lambda r: (r["seed"], list(NAMES).index(r["arm"]), r["strength"])):
+    if r["arm"] == "wise":
+      if (r["seed"], "wise") in seen:
+        continue
+      seen.add((r["seed"], "wise"))
+      rows.append((r["seed"], "WiSE-FT (alpha grid)", r, None))
+    else:
+      rows.append((r["seed"], label(r), r, r["strength"]))
+  return rows
 
 
 def fmt(x, d=3) -> str:
@@ -95,14 +115,14 @@ def every_run(runs) -> str:
 def matched_table(runs) -> str:
   m = matched(runs)
   lines = ["| seed | arm | target Milton | at step | chat Δ | prose Δ | KL |", "|---|---|---|---|---|---|---|"]
-  for r in sorted(runs, key=lambda r: (r["seed"], list(NAMES).index(r["arm"]), r["strength"])):
-    got, p = m.get((r["seed"], r["arm"], r["strength"])), r["pretrained"]
-    tgt = target(runs, r["seed"])
+  for seed, name, r, strength in matched_rows(runs):
+    got, p = m.get((seed, r["arm"], strength)), r["pretrained"]
+    tgt = target(runs, seed)
     if got is None:
-      lines.append(f"| {r['seed']} | {label(r)} | {fmt(tgt)} | not reached | | | |")
+      lines.append(f"| {seed} | {name} | {fmt(tgt)} | not reached | | | |")
     else:
-      step = f"alpha {got['step'] / 40:.2f}" if r["arm"] == "wise" else f"{got['step']:.0f}"
-      lines.append(f"| {r['seed']} | {label(r)} | {fmt(tgt)} | {step} | {got['chat'] - p['chat']:+.3f} | "
+      step = f"alpha {got['step']:.2f}" if r["arm"] == "wise" else f"{got['step']:.0f}"
+      lines.append(f"| {seed} | {name} | {fmt(tgt)} | {step} | {got['chat'] - p['chat']:+.3f} | "
                    f"{got['prose'] - p['prose']:+.3f} | {fmt(got['kl'], 4)} |")
   return "\n".join(lines)
 
@@ -114,8 +134,8 @@ def paired(runs) -> str:
   if len(seeds) < 2:
     return "(one seed so far: the paired comparison needs the other seeds' runs)"
   lines = ["| arm | measure | minus plain: mean [95% CI] | ahead on |", "|---|---|---|---|"]
-  points = sorted({(r["arm"], r["strength"]) for r in runs if r["arm"] != "plain"},
-                  key=lambda x: (list(NAMES).index(x[0]), x[1]))
+  points = sorted({(r["arm"], None if r["arm"] == "wise" else r["strength"]) for r in runs if r["arm"] != "plain"},
+                  key=lambda x: (list(NAMES).index(x[0]), x[1] or 0.0))
   for arm, s in points:
     for k in OLD:
       d = [m[(sd, arm, s)][k] - m[(sd, "plain", 0.0)][k] for sd in seeds
@@ -123,7 +143,8 @@ def paired(runs) -> str:
       if len(d) < 2:
         continue
       mean, half, _ = mean_ci(d)
-      lines.append(f"| {NAMES[arm]} {STRENGTH.get(arm, 'lambda')}={s:g} | {k} | {mean:+.3f} [{mean - half:+.3f}, "
+      name = "WiSE-FT (alpha grid)" if s is None else f"{NAMES[arm]} {STRENGTH.get(arm, 'lambda')}={s:g}"
+      lines.append(f"| {name} | {k} | {mean:+.3f} [{mean - half:+.3f}, "
                    f"{mean + half:+.3f}] | "
                    f"{sum(x < 0 for x in d)} of {len(d)} |")
   return "\n".join(lines)
@@ -158,14 +179,14 @@ def plot(runs, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def main(quick: bool = False) -> str:
-  name = "real-quick" if quick else "real"
+def main(name: str = "real") -> str:
+  quick = name.endswith("quick")
   runs = ResultStore(RESULTS / f"{name}.jsonl").records()
   if not runs:
     raise FileNotFoundError(RESULTS / f"{name}.jsonl")
   r0, cfg = runs[0], runs[0]["config"]
   pre = r0["pretrained"]
-  q = " --quick" if quick else ""
+  q = " --quick" if quick else " --preset gpu" if name.endswith("gpu") else ""
   md = [f"# Real-model scenario: {cfg['model']}", "",
         f"Command: `python -m experiments.elephants real{q} --seeds 0` (then the other seeds), report "
         f"`python -m experiments.elephants real_report{q}`. {cfg['params']:,} parameters; {cfg['steps']} steps of "
