@@ -337,3 +337,80 @@ def test_tunix_checkpoint_resume_is_bit_identical_and_keeps_dtypes(tmp_path, lor
   want_params = paths(nnx.state(straight_model, kind))
   for k, a in paths(nnx.state(resumed_model, kind)).items():
     assert a.tobytes() == want_params[k].tobytes(), k
+
+
+# ----------------------------------------------------------------- wva_jax.tunix: consolidate + ConsolidationMetrics
+
+def _drift(model, anchor):
+  got = paths(nnx.state(model, nnx.Param))
+  return float(np.sqrt(sum(np.sum((got[k].astype(np.float64) - a) ** 2) for k, a in anchor.items())))
+
+
+def test_tunix_hook_two_tasks_logs_aligned_metrics_through_tunix_logger(tmp_path):
+  """Task A with plain Adam, then task B with EWC set by wjt.consolidate; the hook's ewc/drift at step k is
+  ||theta_k - theta_A|| computed here by hand from the params after update k (not the update after it), it is
+  what tunix's own logger holds, every 2nd step, and tunix writes one TensorBoard event file."""
+  from tunix.sft.metrics_logger import MetricsLoggerOptions
+
+  from wva_jax import tunix as wjt
+
+  model = tunix_qwen3.Qwen3(config(), rngs=nnx.Rngs(0))
+  peft_trainer.PeftTrainer(model, optax.adam(LR), peft_trainer.TrainingConfig(
+      eval_every_n_steps=1000, max_steps=4, pbar_description=None)).train(batches(4, seed=1))   # task A
+  anchor = paths(nnx.state(model, nnx.Param))
+  imp = attn_importance(nnx.state(model, nnx.Param))
+  lam = 3.0
+  trainer = peft_trainer.PeftTrainer(model, optax.chain(wj.add_ewc(None, None, lam), optax.adam(LR)),
+                                     peft_trainer.TrainingConfig(
+                                         eval_every_n_steps=1000, max_steps=STEPS, pbar_description=None,
+                                         metrics_logging_options=MetricsLoggerOptions(log_dir=str(tmp_path))))
+  wjt.consolidate(trainer, imp)
+  by_hand = {}
+
+  class Recording(wjt.ConsolidationMetrics):
+    def on_train_step_start(self, train_ctx):
+      by_hand.setdefault(train_ctx.train_steps, _drift(train_ctx.model, anchor))
+      super().on_train_step_start(train_ctx)
+
+    def on_train_end(self, train_ctx):
+      by_hand.setdefault(train_ctx.train_steps, _drift(train_ctx.model, anchor))
+      super().on_train_end(train_ctx)
+
+  hook = Recording(strength=lam, every=2)
+  trainer.with_training_hooks(hook)
+  trainer.train(batches(STEPS, seed=2))   # task B
+  steps = [s for s, _ in hook.history]
+  assert steps == [2, 4, 6], steps
+  for s, values in hook.history:
+    assert values["ewc/drift"] == pytest.approx(by_hand[s], rel=1e-5), (s, values["ewc/drift"], by_hand)
+    assert values["ewc/importance_max"] == 1.0 and "ewc/importance_p50" not in values   # no quantiles asked
+  assert by_hand[2] != pytest.approx(by_hand[3], rel=1e-3)   # one update apart is told apart
+  logged = trainer.metrics_logger.get_metric_history("consolidation", "ewc/drift", "train")
+  assert [float(x) for x in logged] == pytest.approx([v["ewc/drift"] for _, v in hook.history])
+  events = [p for p in tmp_path.rglob("events.out.tfevents*")]
+  assert len(events) == 1, events
+
+
+def test_tunix_consolidate_lora_pairs_the_base_importance_and_keeps_a_resumed_state(qwix_setup):
+  from wva_jax import tunix as wjt
+
+  lm = lora_model()
+  _, lora, base, _ = nnx.split(lm, nnx.LoRAParam, nnx.Param, ...)
+  imp = attn_importance(base, value=2.0)
+  trainer = peft_trainer.PeftTrainer(lm, optax.chain(optax.adam(LR), wj.lora_wva_scale(None, 1.0)),
+                                     peft_trainer.TrainingConfig(eval_every_n_steps=1000, max_steps=2,
+                                                                 pbar_description=None))
+  wjt.consolidate(trainer, imp, lora_scale=SCALE)
+  want = paths(wj.lora_importance(lora, imp, scale=SCALE))
+  state = [s for s in jax.tree_util.tree_leaves(trainer.optimizer.opt_state, is_leaf=lambda x: isinstance(
+      x, wj.LoRAState)) if isinstance(s, wj.LoRAState)]
+  got = paths(state[0].importance)
+  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+  trainer.train(batches(2))
+  before = paths(state[0].importance)
+  wjt.consolidate(trainer, attn_importance(base, value=5.0), lora_scale=SCALE)   # train_steps > 0: kept
+  state = [s for s in jax.tree_util.tree_leaves(trainer.optimizer.opt_state, is_leaf=lambda x: isinstance(
+      x, wj.LoRAState)) if isinstance(s, wj.LoRAState)]
+  assert all(np.array_equal(paths(state[0].importance)[k], before[k]) for k in before)
+  with pytest.raises(ValueError, match="every must be an int >= 1"):
+    wjt.ConsolidationMetrics(every=0)

@@ -31,6 +31,8 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="small, fast version (pipeline check)")
   p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
                  help="real: 'cpu' (the committed CPU scenario) or 'gpu' (real.GPU: full length, real-gpu.jsonl)")
+  p.add_argument("--max-runs", type=int, default=None,
+                 help="real: stop after this many runs (run again to go on; a fresh process frees XLA's memory)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0],
                  help="scenario: independent replicates to run (default: 0); finished ones are skipped")
   args = p.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv=None):
     from experiments.elephants import real
     cfg = real.QUICK if args.quick else real.GPU if args.preset == "gpu" else real.Config()
     for seed in args.seeds:
-      real.run((seed,), cfg, real.grid_for(seed, args.quick))
+      real.run((seed,), cfg, real.grid_for(seed, args.quick), max_runs=args.max_runs)
   elif args.command == "real_report":
     from experiments.elephants import real_report
     print(real_report.main(name="real-quick" if args.quick else "real-gpu" if args.preset == "gpu" else "real"))

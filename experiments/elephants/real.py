@@ -370,8 +370,29 @@ def todo(cfg: Config, seeds, grid, out: pathlib.Path) -> list[tuple[int, str, fl
   return [(s, a, float(v)) for s in seeds for a, v in grid if (s, a, float(v)) not in done]
 
 
-def run(seeds=(0,), cfg: Config = Config(), grid=GRID, log=print, out: pathlib.Path | None = None) -> pathlib.Path:
-  """Every ``(seed, arm, strength)`` of ``grid`` not yet in ``out``; each appended as it finishes."""
+def _pretrained(measures, params0, data, cfg: Config, log=print) -> dict:
+  """The original model's measures (the same for every run), cached on disk by configuration."""
+  path = cache_dir() / f"smollm2-{cfg.name}-pretrained-{_digest(cfg)}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  got = {**evaluate(measures, params0, params0, data), **quiz(measures, params0, data)}
+  path.write_text(json.dumps(got))
+  log(f"pretrained: {got}")
+  return got
+
+
+def _digest(cfg: Config) -> str:
+  import hashlib
+  return hashlib.sha256(repr(cfg).encode()).hexdigest()[:12]
+
+
+def run(seeds=(0,), cfg: Config = Config(), grid=GRID, log=print, out: pathlib.Path | None = None,
+        max_runs: int | None = None) -> pathlib.Path:
+  """Every ``(seed, arm, strength)`` of ``grid`` not yet in ``out``; each appended as it finishes.
+
+  ``max_runs``: stop after that many (a fresh process then goes on: XLA's compilations for each arm's
+  program keep host memory that a long process would accumulate).
+  """
   for arm, _ in grid:
     if arm not in ARMS:
       raise ValueError(f"unknown arm {arm!r}: expected one of {ARMS}")
@@ -381,6 +402,7 @@ def run(seeds=(0,), cfg: Config = Config(), grid=GRID, log=print, out: pathlib.P
     log(f"all {len(grid) * len(seeds)} runs already in {out}")
     return out
   log(f"{len(left)} runs to do -> {out}")
+  left = left[:max_runs] if max_runs else left
   t = time.time()
   graphdef, params0 = smollm2.load()
   fn = smollm2.apply_fn(graphdef)
@@ -388,11 +410,8 @@ def run(seeds=(0,), cfg: Config = Config(), grid=GRID, log=print, out: pathlib.P
   _MEASURES[id(fn)] = measures = make_measures(fn)
   log(f"model and data: {time.time() - t:.0f} s")
   store, prov = ResultStore(out), provenance()
-  pretrained = None
+  pretrained = _pretrained(measures, params0, data, cfg, log)
   for seed, arm, strength in left:
-    if pretrained is None:
-      pretrained = {**evaluate(measures, params0, params0, data), **quiz(measures, params0, data)}
-      log(f"pretrained: {pretrained}")
     t = time.time()
     imp, imp_seconds = None, 0.0
     if arm in ("wva", "ewc", "replay_wva", "lora_wva", "lora_ewc"):
