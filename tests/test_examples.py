@@ -95,3 +95,35 @@ def test_lm_finetune_step_donates_the_trained_tree_and_keeps_the_frozen_base():
   assert kept.is_deleted() and not frozen.is_deleted()
   assert (jax.tree_util.tree_leaves(base)[0] == frozen_value).all()
   assert any((a != 0).any() for a in jax.tree_util.tree_leaves(trained))   # lora_b moved from zero
+
+
+TUNIX_LINE = re.compile(r"^(\w+) \(lambda [\d.e+-]+\): loss on old text ([\d.]+) -> ([\d.]+), "
+                        r"on new text ([\d.]+) -> ([\d.]+)$", re.M)
+
+
+# ~2 minutes of CPU: two tiny tunix trainings per run (task A, then B), each step compiled.
+@pytest.mark.slow
+def test_tunix_finetune_learns_the_new_text_and_keeps_the_old(tmp_path):
+  pytest.importorskip("tunix")
+  out = {}
+  for method in ("plain", "wva"):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, os.path.join("examples", "tunix_finetune.py"), "--method", method]
+    if method == "wva":
+      args += ["--logdir", str(tmp_path)]
+    text = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=True).stdout
+    (name, old0, old1, new0, new1), = TUNIX_LINE.findall(text)
+    out[name] = [float(x) for x in (old0, old1, new0, new1)]
+    if method == "wva":
+      assert "step 60's metrics: wva/attenuation_mean" in text, text
+  plain, wva = out["plain"], out["wva"]
+  assert plain[0] < 0.3 and plain[2] > 6   # the pretrained model knows the old text, not the new
+  assert plain[1] > 1.5 and plain[3] < 2.5   # plain fine-tuning learns the new text and forgets the old
+  assert wva[1] < plain[1] / 3 and wva[3] < 3.0   # WVA keeps most of the old and still learns the new
+  # the hook's metrics all went through tunix's logger into its event file, beside the loss (steps 10 to 60: the
+  # last logged by tunix's close()); tunix's TensorBoard backend stays a jax.monitoring listener after close, so
+  # JAX's compile times reopen a second file later: that one holds none of ours
+  files = [p.read_bytes() for p in tmp_path.rglob("events.out.tfevents*")]
+  ours = [f for f in files if b"consolidation/train/wva/attenuation_mean" in f]
+  assert len(ours) == 1 and b"train/loss" in ours[0], len(files)
+  assert ours[0].count(b"consolidation/train/wva/attenuation_mean") == 6
