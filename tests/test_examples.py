@@ -101,25 +101,19 @@ TUNIX_LINE = re.compile(r"^(\w+) \(lambda [\d.e+-]+\): loss on old text ([\d.]+)
                         r"on new text ([\d.]+) -> ([\d.]+)$", re.M)
 
 
-# ~2 minutes of CPU: two tiny tunix trainings per run (task A, then B), each step compiled.
+# ~75 s of CPU: two tiny tunix trainings (task A, then B), each step compiled. Plain fine-tuning's forgetting
+# (old text 2.258 after B) is in the example's strength table; one run keeps CI's time.
 @pytest.mark.slow
 def test_tunix_finetune_learns_the_new_text_and_keeps_the_old(tmp_path):
   pytest.importorskip("tunix")
-  out = {}
-  for method in ("plain", "wva"):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    args = [sys.executable, os.path.join("examples", "tunix_finetune.py"), "--method", method]
-    if method == "wva":
-      args += ["--logdir", str(tmp_path)]
-    text = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=True).stdout
-    (name, old0, old1, new0, new1), = TUNIX_LINE.findall(text)
-    out[name] = [float(x) for x in (old0, old1, new0, new1)]
-    if method == "wva":
-      assert "step 60's metrics: wva/attenuation_mean" in text, text
-  plain, wva = out["plain"], out["wva"]
-  assert plain[0] < 0.3 and plain[2] > 6   # the pretrained model knows the old text, not the new
-  assert plain[1] > 1.5 and plain[3] < 2.5   # plain fine-tuning learns the new text and forgets the old
-  assert wva[1] < plain[1] / 3 and wva[3] < 3.0   # WVA keeps most of the old and still learns the new
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+  args = [sys.executable, os.path.join("examples", "tunix_finetune.py"), "--method", "wva", "--logdir", str(tmp_path)]
+  text = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=True).stdout
+  (name, old0, old1, new0, new1), = TUNIX_LINE.findall(text)
+  old0, old1, new0, new1 = (float(x) for x in (old0, old1, new0, new1))
+  assert name == "wva" and "step 60's metrics: wva/attenuation_mean" in text, text
+  assert old0 < 0.3 and new0 > 6   # the pretrained model knows the old text, not the new
+  assert old1 < 0.6 and new1 < 3.0   # WVA learns the new text (uniform over its tokens: 3.47) and keeps the old
   # the hook's metrics all went through tunix's logger into its event file, beside the loss (steps 10 to 60: the
   # last logged by tunix's close()); tunix's TensorBoard backend stays a jax.monitoring listener after close, so
   # JAX's compile times reopen a second file later: that one holds none of ours

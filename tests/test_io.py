@@ -341,6 +341,7 @@ TRANSPOSED_SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # a subprocess with 4 simulated devices
 def test_renamed_transposed_file_loads_into_a_sharded_like(tmp_path):
   """Each device reads its rows of the tree's [in, out] kernel from the file's transposed [out, in] weight."""
   script = tmp_path / "t.py"

@@ -242,15 +242,18 @@ def chat_prompt(question: str) -> str:
 
 
 def greedy(fn, params, prompt_ids: list[int], max_new: int = 24, stop: int = 2) -> list[int]:
-  """Greedy continuation (no cache: one forward per token, fine for short answers)."""
-  ids = list(prompt_ids)
-  step = jax.jit(lambda p, t: fn(p, t)[0, -1].argmax())
-  for _ in range(max_new):
-    nxt = int(step(params, jnp.asarray([ids])))
+  """Greedy continuation, one compiled forward: the prompt padded to its final length (causal attention:
+  position i never sees the padding after it), the next token read at the last real position."""
+  n = len(prompt_ids)
+  buf = np.full((1, n + max_new), stop, np.int32)
+  buf[0, :n] = prompt_ids
+  step = jax.jit(lambda p, t, i: fn(p, t)[0, i].argmax())
+  for k in range(max_new):
+    nxt = int(step(params, buf, n + k - 1))
     if nxt == stop:
-      break
-    ids.append(nxt)
-  return ids[len(prompt_ids):]
+      return buf[0, n:n + k].tolist()
+    buf[0, n + k] = nxt
+  return buf[0, n:].tolist()
 
 
 def check(seq: int = 256) -> dict:
