@@ -155,8 +155,8 @@ def plot(runs, path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  panels = (("chat", "chat-answer NLL (nats/token)"), ("prose", "prose NLL (nats/token)"),
-            ("kl", "KL(original || tuned) on chat answers"), ("quiz_acc", "capital quiz accuracy (4-way)"))
+  panels = (("chat", "chat-answer NLL (nats/token), lower is better"), ("prose", "prose NLL, lower is better"),
+            ("kl", "KL(original || tuned) on chat answers, lower"), ("quiz_acc", "capital quiz accuracy, higher is better"))
   fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
   arms = [a for a in NAMES if any(r["arm"] == a for r in runs)]
   colors = dict(zip(arms, plt.cm.tab20(np.linspace(0, 1, max(len(arms), 2)))))
