@@ -156,7 +156,8 @@ def plot(runs, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   panels = (("chat", "chat-answer NLL (nats/token), lower is better"), ("prose", "prose NLL, lower is better"),
-            ("kl", "KL(original || tuned) on chat answers, lower"), ("quiz_acc", "capital quiz accuracy, higher is better"))
+            ("kl", "KL(original || tuned) on chat answers, lower"),
+            ("quiz_acc", "capital quiz accuracy, higher is better"))
   fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
   arms = [a for a in NAMES if any(r["arm"] == a for r in runs)]
   colors = dict(zip(arms, plt.cm.tab20(np.linspace(0, 1, max(len(arms), 2)))))
