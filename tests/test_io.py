@@ -251,6 +251,7 @@ def _flax_llama():
   return cfg, transformers.FlaxLlamaForCausalLM(cfg, seed=0).params
 
 
+@pytest.mark.slow   # transformers' Flax Llama: ~13 s of import and init
 def test_hf_names_give_llama_names_other_tools_know(tmp_path):
   """Every name hf_names gives a transformers Flax Llama is a Llama tensor that gguf's name table (llama.cpp's
   converter, not this project) knows, each linear weight [out, in] as PyTorch holds it, and the file loads back
@@ -289,10 +290,20 @@ READER_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _llama_like_tree(d=8, ffn=12, vocab=20):
+  """A Flax tree with Hugging Face Llama module names (as transformers' FlaxLlamaForCausalLM lays it out)."""
+  layer = {"self_attn": {p: {"kernel": RNG.normal(size=(d, d)).astype(np.float32)} for p in ("q_proj", "o_proj")},
+           "mlp": {"up_proj": {"kernel": RNG.normal(size=(d, ffn)).astype(np.float32)}},
+           "input_layernorm": {"weight": np.ones(d, np.float32)}}
+  return {"model": {"embed_tokens": {"embedding": RNG.normal(size=(vocab, d)).astype(np.float32)},
+                    "layers": {"0": layer}},
+          "lm_head": {"kernel": RNG.normal(size=(d, vocab)).astype(np.float32)}}
+
+
 def test_renamed_importance_and_params_read_by_name_without_wva_jax(tmp_path):
   """The Llama names, importance in bf16 and the parameters saved beside it: a process that never imports wva_jax
   (nor jax) reads both by name with safetensors.numpy (and ml_dtypes for bf16) and pairs them."""
-  cfg, params = _flax_llama()
+  params = jax.tree_util.tree_map(jnp.asarray, _llama_like_tree())
   imp = jax.tree_util.tree_map(lambda p: jnp.asarray(RNG.random(p.shape), jnp.bfloat16), params)
   wj.save_importance(tmp_path / "imp.safetensors", imp, names=wj.hf_names(), metadata={"estimator": "fisher"})
   wj.save_importance(tmp_path / "params.safetensors", params, names=wj.hf_names())
@@ -304,11 +315,13 @@ def test_renamed_importance_and_params_read_by_name_without_wva_jax(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
   assert not out["wva_jax"] and not out["jax"]
-  name = "model.layers.1.self_attn.o_proj.weight"
-  shape, dtype, pshape, dot = out["tensors"][name]
-  assert shape == pshape == [cfg.hidden_size, cfg.hidden_size] and dtype == "bfloat16"
-  kernel = params["model"]["layers"]["1"]["self_attn"]["o_proj"]["kernel"]
-  f = np.asarray(imp["model"]["layers"]["1"]["self_attn"]["o_proj"]["kernel"], np.float32)
+  assert sorted(out["tensors"]) == ["lm_head.weight", "model.embed_tokens.weight",
+                                    "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.up_proj.weight",
+                                    "model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+  shape, dtype, pshape, dot = out["tensors"]["model.layers.0.mlp.up_proj.weight"]
+  assert shape == pshape == [12, 8] and dtype == "bfloat16"   # [out, in], as PyTorch holds it
+  kernel = params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+  f = np.asarray(imp["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"], np.float32)
   assert dot == pytest.approx(float((f * np.asarray(kernel, np.float32)).sum()), rel=1e-5)
 
 

@@ -104,6 +104,7 @@ def test_one_layer_product_at_a_time():
   assert max_rel(g["s"]["B"][3], g_l["l3"]["B"]) < 1e-6
 
 
+@pytest.mark.slow   # lowers two programs of 20 and 80 adapters
 def test_program_size_linear_in_adapters():
   """A real LLM has hundreds of adapters (SmolLM2: 30 layers x 7 matrices = 210): the sequenced program's
   size must grow linearly with their count. Carrying every output through every branch grew it

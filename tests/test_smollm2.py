@@ -62,6 +62,7 @@ def test_smollm2_knows_english_and_the_capital_of_france(smollm2):
   assert "Paris" in answer, answer
 
 
+@pytest.mark.slow   # the 30-layer model's shapes (eval_shape) and the experiments' imports
 def test_hf_names_of_the_tree_are_the_checkpoints():
   """``wj.hf_names(HF_RENAMES)`` gives every tensor of the NNX tree its Hugging Face Llama name, checked against
   gguf's name table (llama.cpp's converter maps those names to the GGUF ones the loader reads), each with the
