@@ -298,7 +298,7 @@ def _plain_path(seed: int, cfg: Config) -> pathlib.Path:
   return cache_dir() / f"smollm2-{cfg.name}-plain-s{seed}.npz"
 
 
-def train(fn, arm: str, strength: float, params0, data, seed: int, cfg: Config, imp=None, log=print):
+def train(fn, measures, arm: str, strength: float, params0, data, seed: int, cfg: Config, imp=None, log=print):
   """One run: ``(final params, curve, cost)``; ``curve``: the measures after every ``eval_every`` steps;
   ``cost``: bytes trained and of the optimizer state, the median step time (the first, compiling, apart)."""
   rng = np.random.default_rng(seed)
@@ -318,7 +318,9 @@ def train(fn, arm: str, strength: float, params0, data, seed: int, cfg: Config, 
     state = wj.set_importance(state, imp)
     if arm in ("ewc", "l2"):
       state = wj.set_anchor(state, params0)
-  step = _STEPS.setdefault((id(fn), arm, cfg), make_step(fn, arm, cfg))
+  if (id(fn), arm, cfg) not in _STEPS:   # one compiled step per arm in a process (strength is traced)
+    _STEPS[(id(fn), arm, cfg)] = make_step(fn, arm, cfg)
+  step = _STEPS[(id(fn), arm, cfg)]
   merged = (lambda a: adapters.merge(params0, a)) if lora else (lambda p: p)
   curve, t0, step_times = [], time.time(), []
   nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "nbytes")))
@@ -337,7 +339,7 @@ def train(fn, arm: str, strength: float, params0, data, seed: int, cfg: Config, 
     jax.block_until_ready(loss)
     step_times.append(time.time() - ts)
     if (i + 1) % cfg.eval_every == 0:
-      m = evaluate(_MEASURES[id(fn)], merged(trained), params0, data)
+      m = evaluate(measures, merged(trained), params0, data)
       curve.append({"step": i + 1, **m})
       log(f"  {arm} {strength:g} step {i + 1}: loss {float(loss):.3f}, Milton {m['milton']:.3f}, chat {m['chat']:.3f}, "
           f"prose {m['prose']:.3f}, KL {m['kl']:.4f} ({(time.time() - t0) / (i + 1):.1f} s/step incl. evals)")
@@ -356,7 +358,6 @@ def _rss_gib() -> float:
 
 
 _STEPS: dict = {}
-_MEASURES: dict = {}
 
 
 # ------------------------------------------------------------------ the runs
@@ -407,7 +408,7 @@ def run(seeds=(0,), cfg: Config = Config(), grid=GRID, log=print, out: pathlib.P
   graphdef, params0 = smollm2.load()
   fn = smollm2.apply_fn(graphdef)
   data = prepare_data(cfg)
-  _MEASURES[id(fn)] = measures = make_measures(fn)
+  measures = make_measures(fn)
   log(f"model and data: {time.time() - t:.0f} s")
   store, prov = ResultStore(out), provenance()
   pretrained = _pretrained(measures, params0, data, cfg, log)
@@ -432,7 +433,7 @@ def run(seeds=(0,), cfg: Config = Config(), grid=GRID, log=print, out: pathlib.P
       params = jax.tree_util.tree_unflatten(treedef, [p + strength * (f - p) for p, f in zip(leaves, ft)])
       curve, cost = [{"step": cfg.steps, **evaluate(measures, params, params0, data)}], {}
     else:
-      params, curve, cost = train(fn, arm, strength, params0, data, seed, cfg, imp, log)
+      params, curve, cost = train(fn, measures, arm, strength, params0, data, seed, cfg, imp, log)
       if arm == "plain":
         tmp = _plain_path(seed, cfg).with_suffix(".part.npz")
         np.savez(tmp, **{f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(params))})
